@@ -1,0 +1,1 @@
+"""Host-side shims that hand flat torch tensors to the compiled kernels."""

@@ -1,0 +1,73 @@
+"""Builds fusion_engine._C (C++17, OpenMP, runtime-dispatched AVX2/AVX-512) from csrc/, without torch.
+
+With FUSION_ENGINE_CUDA=1 and nvcc on PATH it also builds fusion_engine._C_cuda from csrc/cuda/.
+SIMD code paths are compiled with per-function target attributes and chosen at run time, so the
+shared build runs on any x86-64 (and non-x86) machine: never -march=native.
+"""
+
+import glob
+import os
+import shutil
+import subprocess
+
+from pybind11.setup_helpers import Pybind11Extension
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CORE_SOURCES = sorted(glob.glob("csrc/core/*.cpp"))
+CXX_FLAGS = ["-O3", "-fopenmp", "-fvisibility=hidden", "-fno-math-errno"]
+
+extensions = [
+    Pybind11Extension(
+        "fusion_engine._C",
+        ["csrc/python/bind_core.cpp", *CORE_SOURCES],
+        include_dirs=["csrc/core", "csrc/include"],
+        cxx_std=17,
+        extra_compile_args=CXX_FLAGS,
+        extra_link_args=["-fopenmp"],
+    )
+]
+
+WANT_CUDA = os.environ.get("FUSION_ENGINE_CUDA", "0") not in ("", "0")
+if WANT_CUDA:
+    extensions.append(
+        Pybind11Extension(
+            "fusion_engine._C_cuda",
+            ["csrc/python/bind_cuda.cpp"],
+            include_dirs=["csrc/core", "csrc/cuda", "csrc/include"],
+            cxx_std=17,
+            extra_compile_args=["-O3"],
+        )
+    )
+
+
+class BuildExt(build_ext):
+    """Compiles csrc/cuda/*.cu with nvcc and links them into fusion_engine._C_cuda."""
+
+    def build_extension(self, ext):
+        if ext.name == "fusion_engine._C_cuda":
+            self._add_cuda_objects(ext)
+        super().build_extension(ext)
+
+    def _add_cuda_objects(self, ext):
+        nvcc = shutil.which("nvcc") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
+        if not os.path.exists(nvcc):
+            raise RuntimeError("FUSION_ENGINE_CUDA=1 but nvcc was not found (set CUDA_HOME or PATH)")
+        cuda_home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        archs = os.environ.get("FUSION_ENGINE_CUDA_ARCHS", "80;90").split(";")
+        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+        out_dir = os.path.join(self.build_temp, "cuda")
+        os.makedirs(out_dir, exist_ok=True)
+        for src in sorted(glob.glob("csrc/cuda/*.cu")):
+            obj = os.path.join(out_dir, os.path.basename(src) + ".o")
+            cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
+                   "-Icsrc/core", "-Icsrc/cuda", "-Icsrc/include", *gencode]
+            print(" ".join(cmd))
+            subprocess.check_call(cmd, cwd=HERE)
+            ext.extra_objects.append(obj)
+        ext.library_dirs.append(os.path.join(cuda_home, "lib64"))
+        ext.libraries.append("cudart")
+
+
+setup(ext_modules=extensions, cmdclass={"build_ext": BuildExt})

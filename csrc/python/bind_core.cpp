@@ -1,11 +1,117 @@
-// pybind11 bindings of the CPU kernels: the only file of csrc/core's build that knows Python.
-// Tensors arrive as raw data pointers (torch stays on the Python side), the GIL is released
-// around every kernel.
+// pybind11 bindings of the CPU kernels: the only file of the CPU build that knows Python.
+// Tensors arrive as raw data pointers (torch stays on the Python side: see
+// fusion_engine/backends/cpp.py), scalars as Python numbers; the GIL is released around every
+// kernel. Each function returns whether an input held NaN/Inf.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstdint>
+#include <vector>
+
+#include "kernels.h"
+
 namespace py = pybind11;
+using Ptrs = std::vector<uintptr_t>;
+
+namespace {
+
+std::vector<const void*> as_pointers(const Ptrs& ptrs) {
+  std::vector<const void*> out;
+  out.reserve(ptrs.size());
+  for (uintptr_t p : ptrs) out.push_back(reinterpret_cast<const void*>(p));
+  return out;
+}
+
+template <class T>
+void check_count(const std::vector<T>& v, size_t K, const char* name) {
+  if (v.size() != K) throw std::invalid_argument(std::string(name) + ": expected one value per input tensor");
+}
+
+fe::DType dtype_of(int code) {
+  if (code < 0 || code > 3) throw std::invalid_argument("unknown dtype code");
+  return static_cast<fe::DType>(code);
+}
+
+fe::CombineParams combine_of(int consensus, bool sign_weighted, bool divisor_weights, bool normalize, double lam) {
+  return fe::CombineParams{static_cast<fe::Consensus>(consensus), sign_weighted, divisor_weights, normalize, lam};
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fusion_engine CPU kernels (C++17, OpenMP, runtime-dispatched SIMD)";
+  m.def("simd_level", &fe::cpu::simd_level, "SIMD clone chosen for this CPU: avx512, avx2 or baseline");
+
+  m.def("linear_merge", [](uintptr_t out, int out_dtype, const Ptrs& inputs, int dtype, int64_t n,
+                           const std::vector<double>& coeffs, int threads) {
+    check_count(coeffs, inputs.size(), "coeffs");
+    auto in = as_pointers(inputs);
+    fe::LinearParams p{in.data(), coeffs.data(), int32_t(in.size()), n, dtype_of(dtype),
+                       reinterpret_cast<void*>(out), dtype_of(out_dtype)};
+    py::gil_scoped_release release;
+    return fe::cpu::linear_merge(p, threads);
+  });
+
+  m.def("task_arithmetic", [](uintptr_t out, int out_dtype, uintptr_t base, const Ptrs& inputs, int dtype, int64_t n,
+                              const std::vector<double>& coeffs, int threads) {
+    check_count(coeffs, inputs.size(), "coeffs");
+    auto in = as_pointers(inputs);
+    fe::TaskArithmeticParams p{reinterpret_cast<const void*>(base), in.data(), coeffs.data(), int32_t(in.size()), n,
+                               dtype_of(dtype), reinterpret_cast<void*>(out), dtype_of(out_dtype)};
+    py::gil_scoped_release release;
+    return fe::cpu::task_arithmetic(p, threads);
+  });
+
+  m.def("magnitude_mask", [](uintptr_t out, uintptr_t x, int dtype, int64_t n, int64_t k, bool tie_index,
+                             int threads) {
+    fe::MagnitudeMaskParams p{reinterpret_cast<const void*>(x), n, dtype_of(dtype), k, tie_index,
+                              reinterpret_cast<bool*>(out)};
+    py::gil_scoped_release release;
+    return fe::cpu::magnitude_mask(p, threads);
+  });
+
+  m.def("ties_merge", [](uintptr_t out, int out_dtype, uintptr_t base, const Ptrs& inputs, int dtype, int64_t n,
+                         const std::vector<double>& weights, const std::vector<int64_t>& ks, int consensus,
+                         bool sign_weighted, bool divisor_weights, bool normalize, double lam, bool rescale_l1,
+                         bool tie_index, int threads) {
+    check_count(weights, inputs.size(), "weights");
+    check_count(ks, inputs.size(), "ks");
+    auto in = as_pointers(inputs);
+    fe::TiesParams p{reinterpret_cast<const void*>(base), in.data(), weights.data(), ks.data(), int32_t(in.size()),
+                     n, dtype_of(dtype), rescale_l1, tie_index,
+                     combine_of(consensus, sign_weighted, divisor_weights, normalize, lam),
+                     reinterpret_cast<void*>(out), dtype_of(out_dtype)};
+    py::gil_scoped_release release;
+    return fe::cpu::ties_merge(p, threads);
+  });
+
+  m.def("dare_merge", [](uintptr_t out, int out_dtype, uintptr_t base, const Ptrs& inputs, int dtype, int64_t n,
+                         const std::vector<double>& weights, const std::vector<double>& densities,
+                         const std::vector<uint64_t>& thresholds, uint64_t seed, uint32_t stream, int64_t offset,
+                         int rescale, int consensus, bool sign_weighted, bool divisor_weights, bool normalize,
+                         double lam, int threads) {
+    check_count(weights, inputs.size(), "weights");
+    check_count(densities, inputs.size(), "densities");
+    check_count(thresholds, inputs.size(), "thresholds");
+    auto in = as_pointers(inputs);
+    fe::DareParams p{reinterpret_cast<const void*>(base), in.data(), weights.data(), densities.data(),
+                     thresholds.data(), int32_t(in.size()), n, dtype_of(dtype), seed, stream, offset,
+                     static_cast<fe::Rescale>(rescale),
+                     combine_of(consensus, sign_weighted, divisor_weights, normalize, lam),
+                     reinterpret_cast<void*>(out), dtype_of(out_dtype)};
+    py::gil_scoped_release release;
+    return fe::cpu::dare_merge(p, threads);
+  });
+
+  m.def("fisher_merge", [](uintptr_t out, int out_dtype, const Ptrs& inputs, const Ptrs& fishers, int dtype,
+                           int fisher_dtype, int64_t n, const std::vector<double>& weights, double eps, int threads) {
+    check_count(weights, inputs.size(), "weights");
+    check_count(fishers, inputs.size(), "fishers");
+    auto in = as_pointers(inputs);
+    auto fi = as_pointers(fishers);
+    fe::FisherParams p{in.data(), fi.data(), weights.data(), int32_t(in.size()), n, dtype_of(dtype),
+                       dtype_of(fisher_dtype), eps, reinterpret_cast<void*>(out), dtype_of(out_dtype)};
+    py::gil_scoped_release release;
+    return fe::cpu::fisher_merge(p, threads);
+  });
 }

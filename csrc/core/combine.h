@@ -1,0 +1,87 @@
+// The combine step of TIES and DARE for one block (oracle: combine_reference in
+// fusion_engine/ops/_common.py). v holds K rows of kBlock trimmed/dropped, rescaled task-vector
+// entries; with e_i = w_i v_i (sign on weighted) or v_i:
+//   consensus: s = sign(sum_i e_i) or sign(sum_i sign e_i), +1 for 0; a_i = [e_i * s > 0]
+//   N = sum_i a_i w_i v_i;  D = sum_i a_i w_i  or  sum_i a_i  (0 -> 1)
+//   no consensus: N = sum_i w_i v_i, D = sum_i w_i (|D| < 1e-8 -> 1)
+//   y = b + lam * (normalize ? N / D : N)
+#pragma once
+#include "kernel_common.h"
+
+namespace fe {
+
+template <class A>
+FE_SIMD void combine_block(const A* v, int K, int64_t m, const A* w, const CombineParams& c, const A* b, A* y) {
+  // Switches are copied to locals and hoisted out of the loops; agreement is a 0/1 factor, so
+  // every loop is straight-line code the compiler vectorises.
+  A num[kBlock], den[kBlock];
+  const A lam = static_cast<A>(c.lam);
+  const bool normalize = c.normalize;
+  for (int64_t j = 0; j < m; ++j) num[j] = 0;
+  if (c.consensus == Consensus::none) {
+    A wsum = 0;
+    for (int i = 0; i < K; ++i) wsum += w[i];
+    const A d = std::abs(wsum) < A(1e-8) ? A(1) : wsum;
+    for (int i = 0; i < K; ++i) {
+      const A* vi = v + size_t(i) * kBlock;
+      const A wi = w[i];
+      for (int64_t j = 0; j < m; ++j) num[j] += wi * vi[j];
+    }
+    if (normalize) for (int64_t j = 0; j < m; ++j) y[j] = b[j] + lam * (num[j] / d);
+    else for (int64_t j = 0; j < m; ++j) y[j] = b[j] + lam * num[j];
+    return;
+  }
+  A majority[kBlock];
+  for (int64_t j = 0; j < m; ++j) { majority[j] = 0; den[j] = 0; }
+  const bool by_sum = c.consensus == Consensus::sum;
+  for (int i = 0; i < K; ++i) {
+    const A* vi = v + size_t(i) * kBlock;
+    const A ws = c.sign_weighted ? w[i] : A(1);
+    if (by_sum) for (int64_t j = 0; j < m; ++j) majority[j] += ws * vi[j];
+    else for (int64_t j = 0; j < m; ++j) { const A e = ws * vi[j]; majority[j] += A(e > 0) - A(e < 0); }
+  }
+  for (int64_t j = 0; j < m; ++j) majority[j] = majority[j] >= 0 ? A(1) : A(-1);
+  for (int i = 0; i < K; ++i) {
+    const A* vi = v + size_t(i) * kBlock;
+    const A wi = w[i];
+    const A ws = c.sign_weighted ? wi : A(1);
+    const A dw = c.divisor_weights ? wi : A(1);
+    for (int64_t j = 0; j < m; ++j) {
+      const A agree = A(ws * vi[j] * majority[j] > 0);
+      num[j] += wi * vi[j] * agree;
+      den[j] += dw * agree;
+    }
+  }
+  if (normalize) {
+    for (int64_t j = 0; j < m; ++j) {
+      const A d = den[j] + A(den[j] == 0);  // a zero divisor becomes 1
+      y[j] = b[j] + lam * (num[j] / d);
+    }
+  } else {
+    for (int64_t j = 0; j < m; ++j) y[j] = b[j] + lam * num[j];
+  }
+}
+
+// delta[j] = T(x[j] - b[j]) in the accumulation type, and its magnitude key.
+template <class T>
+FE_SIMD void delta_block(const T* x, const typename Num<T>::acc* b, int64_t m, typename Num<T>::acc* delta,
+                         typename Num<T>::key_t* keys) {
+  for (int64_t j = 0; j < m; ++j) {
+    const auto d = Num<T>::round(Num<T>::to_acc(x[j]) - b[j]);
+    delta[j] = d;
+    keys[j] = key_of<T>(d);
+  }
+}
+
+template <class T>
+FE_SIMD void delta_keys_block(const T* x, const typename Num<T>::acc* b, int64_t m, typename Num<T>::key_t* keys,
+                              int& bad) {
+  int nf = 0;
+  for (int64_t j = 0; j < m; ++j) {
+    keys[j] = key_of<T>(Num<T>::to_acc(x[j]) - b[j]);
+    nf |= Num<T>::nonfinite(x[j]);
+  }
+  bad |= nf;
+}
+
+}  // namespace fe

@@ -1,0 +1,18 @@
+// The CPU kernels: one entry point per op, each returns whether any input held NaN/Inf.
+// `threads` is the number of OpenMP threads (<= 0: OpenMP's default). Results do not depend on it.
+#pragma once
+#include "merge_params.h"
+
+namespace fe::cpu {
+
+bool linear_merge(const LinearParams& p, int threads);
+bool task_arithmetic(const TaskArithmeticParams& p, int threads);
+bool magnitude_mask(const MagnitudeMaskParams& p, int threads);
+bool ties_merge(const TiesParams& p, int threads);
+bool dare_merge(const DareParams& p, int threads);
+bool fisher_merge(const FisherParams& p, int threads);
+
+// Which SIMD clone the CPU runs: "avx512", "avx2" or "baseline".
+const char* simd_level();
+
+}  // namespace fe::cpu

@@ -1,0 +1,71 @@
+// TIES: trim each task vector to its top-k by magnitude, elect the sign, disjoint-merge.
+// Pass 1 (magnitude_select.h) finds every model's threshold from histograms; pass 2 reads the
+// K inputs and the base once more and writes y. Oracle: ties_merge_reference in
+// fusion_engine/ops/ties_merge.py.
+#include "combine.h"
+#include "kernels.h"
+#include "magnitude_select.h"
+
+namespace fe {
+
+template <class A>
+FE_SIMD static void trimmed_block(const A* delta, const uint8_t* kept, A scale, int64_t m, A* v) {
+  for (int64_t j = 0; j < m; ++j) v[j] = delta[j] * A(kept[j]) * scale;
+}
+
+template <class T>
+static bool ties_impl(const TiesParams& p, int threads) {
+  using A = typename Num<T>::acc;
+  using Key = typename Num<T>::key_t;
+  const int K = p.K;
+  const T* base = static_cast<const T*>(p.base);
+  auto input = [&](int i) { return static_cast<const T*>(p.inputs[i]); };
+  const Chunking ch(p.n, threads);
+  int bad = 0;
+
+  auto fill = [&](int64_t begin, int64_t m, Key* keys, int& b) {
+    A bb[kBlock];
+    load_block(base + begin, bb, m, b);
+    for (int i = 0; i < K; ++i) delta_keys_block(input(i) + begin, bb, m, keys + size_t(i) * kBlock, b);
+  };
+  const std::vector<Selection> sel = select_topk<T>(K, p.n, p.ks, p.tie_index, p.rescale_l1, ch, fill, bad);
+
+  std::vector<A> w(K), scale(K, A(1));
+  for (int i = 0; i < K; ++i) {
+    w[i] = static_cast<A>(p.weights[i]);
+    if (p.rescale_l1 && sel[i].l1_total >= 1e-7 && sel[i].l1_kept >= 1e-7)
+      scale[i] = static_cast<A>(sel[i].l1_total / sel[i].l1_kept);
+  }
+
+#pragma omp parallel for num_threads(ch.parts) schedule(static, 1)
+  for (int part = 0; part < ch.parts; ++part) {
+    std::vector<A> v(size_t(K) * kBlock);
+    A b[kBlock], delta[kBlock], y[kBlock];
+    Key keys[kBlock];
+    uint8_t kept[kBlock];
+    std::vector<KeepRule> rules;
+    for (int i = 0; i < K; ++i) rules.emplace_back(sel[i], part);
+    int unused = 0;
+    for (int64_t begin = ch.begin(part); begin < ch.end(part); begin += kBlock) {
+      const int64_t m = std::min(kBlock, ch.end(part) - begin);
+      load_block(base + begin, b, m, unused);
+      for (int i = 0; i < K; ++i) {
+        delta_block(input(i) + begin, b, m, delta, keys);
+        keep_block(keys, m, rules[i], kept);
+        trimmed_block(delta, kept, scale[i], m, v.data() + size_t(i) * kBlock);
+      }
+      combine_block(v.data(), K, m, w.data(), p.combine, b, y);
+      store_block(y, p.out, p.out_dtype, begin, m);
+    }
+  }
+  return bad != 0;
+}
+
+namespace cpu {
+bool ties_merge(const TiesParams& p, int threads) {
+  if (p.n == 0) return false;
+  return with_dtype(p.dtype, [&](auto tag) { return ties_impl<typename decltype(tag)::type>(p, threads); });
+}
+}  // namespace cpu
+
+}  // namespace fe

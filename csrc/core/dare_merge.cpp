@@ -36,13 +36,16 @@ FE_SIMD static void philox_block(uint64_t first, int64_t m, uint32_t model, uint
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  const int64_t skip = static_cast<int64_t>(first & 3);
-  for (int64_t j = 0; j < m; ++j) {
-    const int64_t g = skip + j;  // position counted from word 0 of lane 0
-    const int l = static_cast<int>(g >> 2);
-    const uint32_t* row[4] = {c0, c1, c2, c3};
-    words[j] = row[g & 3][l];
+  // Interleave the four output words (entry 4q + r is word r of lane q) and drop the words of
+  // entries before `first`.
+  uint32_t interleaved[4 * kLanes];
+  for (int l = 0; l < lanes; ++l) {
+    interleaved[4 * l] = c0[l];
+    interleaved[4 * l + 1] = c1[l];
+    interleaved[4 * l + 2] = c2[l];
+    interleaved[4 * l + 3] = c3[l];
   }
+  std::memcpy(words, interleaved + (first & 3), size_t(m) * sizeof(uint32_t));
 }
 
 template <class A>

@@ -6,7 +6,14 @@
 // equal the prefix chosen so far; a scan from the top bin finds the bin of the k-th largest key.
 // After the last pass the threshold key T is exact, and the per-chunk counts of keys equal to T
 // give every chunk the number of ties before it, so `tie_index` (keep exactly k, lowest index
-// first) needs no extra pass. Oracle: topk_magnitude_reference in fusion_engine/ops/magnitude_mask.py.
+// first) needs no extra pass.
+//
+// Large tensors first try a sampled window: the keys of 64K sampled entries bracket T in
+// [lo, hi]; one pass then only counts the keys above hi (vectorised) and collects the few keys
+// inside the window, and the same radix select runs on those in memory. A model whose window
+// misses T (count above hi >= k, or count at least lo < k) falls back to the full histogram
+// passes, so the result is exact either way; fp32 then needs two passes over the data, not three.
+// Oracle: topk_magnitude_reference in fusion_engine/ops/magnitude_mask.py.
 #pragma once
 #include "kernel_common.h"
 
@@ -59,63 +66,249 @@ FE_SIMD void keep_block(const Key* keys, int64_t m, KeepRule& r, uint8_t* kept) 
   r.ties_seen += equal;
 }
 
+
 // Histogram one block of one model's keys at a level (prefix = chosen higher bits).
 template <class T>
 FE_SIMD void histogram_block(const typename Num<T>::key_t* keys, int64_t m, int shift, int width, uint64_t prefix,
-                             bool first_level, uint32_t* hist, bool want_l1, bool last_level, double& above,
-                             double& total) {
+                             bool first_level, uint32_t* hist) {
   using Key = typename Num<T>::key_t;
   const Key mask = (Key(1) << width) - 1;
   if (first_level) {
     for (int64_t j = 0; j < m; ++j) hist[keys[j] >> shift]++;
-    if (want_l1) {
-      typename Num<T>::acc s = 0;
-      for (int64_t j = 0; j < m; ++j) s += Num<T>::from_key(keys[j]);
-      total += s;
-    }
-    if (!last_level || !want_l1) return;
   } else {
     const Key pre = static_cast<Key>(prefix);
     for (int64_t j = 0; j < m; ++j)
       if ((keys[j] >> (shift + width)) == pre) hist[(keys[j] >> shift) & mask]++;
   }
-  if (last_level && want_l1 && !first_level) {
-    const Key pre = static_cast<Key>(prefix);
-    typename Num<T>::acc s = 0;
-    for (int64_t j = 0; j < m; ++j)
-      s += (keys[j] >> (shift + width)) > pre ? Num<T>::from_key(keys[j]) : 0;
-    above += s;
+}
+
+// Sum of |x| over a block, and over the keys strictly above `above` (L1 norms for rescaling).
+template <class T>
+FE_SIMD void l1_block(const typename Num<T>::key_t* keys, int64_t m, typename Num<T>::key_t above, double& total,
+                      double& over) {
+  typename Num<T>::acc t = 0, o = 0;
+  for (int64_t j = 0; j < m; ++j) {
+    const auto v = Num<T>::from_key(keys[j]);
+    t += v;
+    o += keys[j] > above ? v : decltype(v)(0);
+  }
+  total += t;
+  over += o;
+}
+
+// Keys collected in index order; grows by whole blocks so appends need no capacity checks.
+template <class Key>
+struct CandidateList {
+  std::vector<Key> keys;
+  size_t size = 0;
+  Key* room_for(int64_t m) {  // space for m more keys at the end
+    if (keys.size() < size + size_t(m)) keys.resize(std::max(keys.size() * 2, size + size_t(m)));
+    return keys.data() + size;
+  }
+  const Key* begin() const { return keys.data(); }
+  const Key* end() const { return keys.data() + size; }
+};
+
+// Count the keys above hi; append the keys in [lo, hi] to `out`, in index order.
+template <class Key>
+FE_SIMD void window_block(const Key* keys, int64_t m, Key lo, Key hi, int64_t& above, CandidateList<Key>& out) {
+  uint8_t inside[kBlock];
+  const Key span = hi - lo;
+  int64_t count = 0;
+  for (int64_t j = 0; j < m; ++j) {
+    inside[j] = Key(keys[j] - lo) <= span;
+    count += keys[j] > hi;
+  }
+  above += count;
+  Key* dst = out.room_for(m);
+  int64_t n = 0, j = 0;
+  for (; j + 8 <= m; j += 8) {  // most groups of 8 hold no candidate: one test skips them
+    uint64_t flags;
+    std::memcpy(&flags, inside + j, 8);
+    if (!flags) continue;
+    for (int t = 0; t < 8; ++t) {  // branch-free append
+      dst[n] = keys[j + t];
+      n += inside[j + t];
+    }
+  }
+  for (; j < m; ++j) {
+    dst[n] = keys[j];
+    n += inside[j];
+  }
+  out.size += size_t(n);
+}
+
+namespace select_detail {
+
+constexpr int64_t kWindowMinN = int64_t(1) << 18;  // smaller tensors: plain histogram passes
+constexpr int kSampleRuns = 128, kSampleRun = 512;   // 64K sampled entries in 128 runs
+
+// The bin holding the need-th largest key, scanning from the top; need becomes its rank in it.
+inline int choose_bin(const uint64_t* counts, int bins, int64_t& need) {
+  int64_t above = 0;
+  for (int b = bins - 1; b >= 0; --b) {
+    if (above + int64_t(counts[b]) >= need) { need -= above; return b; }
+    above += int64_t(counts[b]);
+  }
+  need -= above;
+  return 0;
+}
+
+// Threshold, mode and per-chunk ties of a model once T and its tie counts are known.
+inline void finish(Selection& s, uint64_t threshold, int64_t ties_total, int64_t ties_keep, bool tie_index,
+                   const std::vector<int64_t>& ties_per_chunk) {
+  s.threshold = threshold;
+  if (!tie_index || ties_keep == ties_total) {
+    s.mode = Selection::greater_equal;
+    s.ties_to_keep = ties_total;
+    return;
+  }
+  s.mode = Selection::partial;
+  s.ties_to_keep = ties_keep;
+  s.ties_before.assign(ties_per_chunk.size(), 0);
+  int64_t run = 0;
+  for (size_t p = 0; p < ties_per_chunk.size(); ++p) { s.ties_before[p] = run; run += ties_per_chunk[p]; }
+}
+
+// The need-th largest of keys held in memory (candidate lists), by the same radix levels.
+// On return `need` is how many keys equal to the result rank within the selection.
+template <class T>
+typename Num<T>::key_t kth_largest(const std::vector<const CandidateList<typename Num<T>::key_t>*>& lists,
+                                    int64_t& need, int64_t& ties_total) {
+  using Key = typename Num<T>::key_t;
+  uint64_t prefix = 0;
+  std::vector<uint64_t> counts;
+  for (int shift = Num<T>::key_bits - 15, width = 15;; shift -= 16, width = 16) {
+    const int bins = 1 << width;
+    const Key mask = Key(bins - 1);
+    const bool first = shift == Num<T>::key_bits - 15;
+    counts.assign(bins, 0);
+    for (const auto* list : lists)
+      for (Key k : *list)
+        if (first || (k >> (shift + width)) == Key(prefix)) counts[(k >> shift) & mask]++;
+    const int chosen = choose_bin(counts.data(), bins, need);
+    prefix = (prefix << width) | uint64_t(chosen);
+    if (shift == 0) { ties_total = int64_t(counts[chosen]); return Key(prefix); }
   }
 }
 
+// The window [lo, hi] of keys that brackets the k-th largest with high probability, from the
+// sampled keys of one model (4.5 standard deviations of the sample quantile plus a margin;
+// a miss only costs the fallback pass).
+template <class Key>
+bool window_from_sample(std::vector<Key>& sample, int64_t k, int64_t n, Key& lo, Key& hi) {
+  const double S = double(sample.size()), q = double(k) / double(n);
+  const double margin = 4.5 * std::sqrt(S * q * (1.0 - q)) + 0.001 * S + 16.0;
+  const double rank = q * S;  // expected rank of T among the sample, from the top
+  const int64_t hi_rank = int64_t(std::floor(rank - margin)), lo_rank = int64_t(std::ceil(rank + margin));
+  if (hi_rank < 0 && lo_rank >= int64_t(S)) return false;  // the window would be everything
+  auto nth = [&](int64_t r) {  // r-th largest (0-based)
+    std::nth_element(sample.begin(), sample.begin() + r, sample.end(), std::greater<Key>());
+    return sample[r];
+  };
+  hi = hi_rank < 0 ? std::numeric_limits<Key>::max() : nth(hi_rank);
+  lo = lo_rank >= int64_t(S) ? Key(0) : nth(lo_rank);
+  return true;
+}
+
+}  // namespace select_detail
+
 // Select the k_i largest keys of each of K models. `fill(begin, m, keys, bad)` writes the keys of
 // elements [begin, begin+m) of every model into keys[i * kBlock + j] and ORs non-finite inputs
-// into `bad` (only asked on the first pass).
+// into `bad`. With want_l1, l1_total and l1_kept are filled too.
 template <class T, class Fill>
 std::vector<Selection> select_topk(int K, int64_t n, const int64_t* ks, bool tie_index, bool want_l1,
                                    const Chunking& ch, Fill&& fill, int& bad) {
   using Key = typename Num<T>::key_t;
-  constexpr int key_bits = Num<T>::key_bits;
+  namespace sd = select_detail;
+  const int parts = ch.parts;
   std::vector<Selection> sel(K);
-  std::vector<int64_t> need(K);
-  std::vector<uint64_t> prefix(K, 0);
-  std::vector<int> active;
+  std::vector<int> pending;  // models whose threshold is still unknown
   for (int i = 0; i < K; ++i) {
     if (ks[i] <= 0) sel[i].mode = Selection::none;
     else if (ks[i] >= n) sel[i].mode = Selection::all;
-    else { active.push_back(i); need[i] = ks[i]; }
+    else pending.push_back(i);
   }
-  const bool l1_all = want_l1;  // kept == total for `all`; 0 for `none`
-  const int parts = ch.parts;
-  std::vector<double> above(size_t(parts) * K, 0.0), total(size_t(parts) * K, 0.0);
+  std::vector<double> total(size_t(parts) * K, 0.0), above_l1(size_t(parts) * K, 0.0);
+  auto at = [&](int p, int i) { return size_t(p) * K + i; };
+  bool first_pass_done = false;
+
+  // 1. The sampled window pass.
+  std::vector<char> windowed(K, 0);
+  std::vector<Key> lo(K), hi(K, std::numeric_limits<Key>::max());
+  if (n >= sd::kWindowMinN && !pending.empty()) {
+    std::vector<std::vector<Key>> sample(K);
+    std::vector<Key> keys(size_t(K) * kBlock);
+    int unused = 0;
+    for (int r = 0; r < sd::kSampleRuns; ++r) {
+      const int64_t begin = (n - sd::kSampleRun) * r / (sd::kSampleRuns - 1);
+      fill(begin, sd::kSampleRun, keys.data(), unused);
+      for (int i : pending) sample[i].insert(sample[i].end(), &keys[size_t(i) * kBlock], &keys[size_t(i) * kBlock] + sd::kSampleRun);
+    }
+    for (int i : pending) windowed[i] = sd::window_from_sample(sample[i], ks[i], n, lo[i], hi[i]);
+    std::vector<CandidateList<Key>> candidates(size_t(parts) * K);
+    std::vector<int64_t> above(size_t(parts) * K, 0);
+    int bad_pass = 0;
+#pragma omp parallel for num_threads(parts) schedule(static, 1) reduction(| : bad_pass)
+    for (int p = 0; p < parts; ++p) {
+      std::vector<Key> block_keys(size_t(K) * kBlock);
+      for (int i = 0; i < K; ++i)
+        if (windowed[i]) candidates[at(p, i)].keys.resize(size_t((ch.end(p) - ch.begin(p)) / 16 + kBlock));
+      for (int64_t begin = ch.begin(p); begin < ch.end(p); begin += kBlock) {
+        const int64_t m = std::min(kBlock, ch.end(p) - begin);
+        fill(begin, m, block_keys.data(), bad_pass);
+        for (int i = 0; i < K; ++i) {
+          const Key* k = block_keys.data() + size_t(i) * kBlock;
+          if (windowed[i]) window_block(k, m, lo[i], hi[i], above[at(p, i)], candidates[at(p, i)]);
+          if (want_l1) l1_block<T>(k, m, hi[i], total[at(p, i)], above_l1[at(p, i)]);
+        }
+      }
+    }
+    bad |= bad_pass;
+    first_pass_done = true;
+    std::vector<int> still_pending;
+    for (int i : pending) {
+      int64_t above_count = 0, inside = 0;
+      std::vector<const CandidateList<Key>*> lists;
+      for (int p = 0; p < parts; ++p) {
+        above_count += above[at(p, i)];
+        inside += int64_t(candidates[at(p, i)].size);
+        lists.push_back(&candidates[at(p, i)]);
+      }
+      if (!windowed[i] || !(above_count < ks[i] && ks[i] <= above_count + inside)) {
+        still_pending.push_back(i);  // the sample missed: full histogram passes
+        continue;
+      }
+      int64_t need = ks[i] - above_count, ties_total = 0;
+      const Key t = sd::kth_largest<T>(lists, need, ties_total);
+      std::vector<int64_t> ties(parts, 0);
+      double kept_l1 = 0;
+      for (int p = 0; p < parts; ++p) {
+        for (Key k : candidates[at(p, i)]) {
+          ties[p] += k == t;
+          if (want_l1 && k > t) kept_l1 += double(Num<T>::from_key(k));
+        }
+        kept_l1 += above_l1[at(p, i)];
+      }
+      sd::finish(sel[i], t, ties_total, need, tie_index, ties);
+      sel[i].l1_kept = kept_l1 + double(sel[i].ties_to_keep) * double(Num<T>::from_key(t));
+    }
+    pending.swap(still_pending);
+  }
+
+  // 2. Histogram passes (small tensors, and models whose window missed).
+  std::vector<int64_t> need(K, 0);
+  std::vector<uint64_t> prefix(K, 0);
+  for (int i : pending) need[i] = ks[i];
   std::vector<uint32_t> hist;
-  int shift = key_bits - 15, width = 15;
-  bool first = true;
-  // Pass 0 also serves models that need no selection (for the non-finite check and L1 totals).
-  while (true) {
-    const bool last = shift == 0;
+  for (int shift = Num<T>::key_bits - 15, width = 15; !pending.empty() || !first_pass_done; shift -= 16, width = 16) {
+    const bool first = shift == Num<T>::key_bits - 15;
+    const bool count_totals = !first_pass_done;
     const int bins = 1 << width;
     hist.assign(size_t(parts) * K * bins, 0u);
+    std::fill(above_l1.begin(), above_l1.end(), 0.0);
+    std::vector<char> selecting(K, 0);
+    for (int i : pending) selecting[i] = 1;
     int bad_pass = 0;
 #pragma omp parallel for num_threads(parts) schedule(static, 1) reduction(| : bad_pass)
     for (int p = 0; p < parts; ++p) {
@@ -124,72 +317,49 @@ std::vector<Selection> select_topk(int K, int64_t n, const int64_t* ks, bool tie
         const int64_t m = std::min(kBlock, ch.end(p) - begin);
         fill(begin, m, keys.data(), bad_pass);
         for (int i = 0; i < K; ++i) {
-          const bool selecting = sel[i].mode == Selection::none && need[i] > 0;
-          if (!selecting) {
-            if (first && l1_all && sel[i].mode == Selection::all) {
-              typename Num<T>::acc s = 0;
-              for (int64_t j = 0; j < m; ++j) s += Num<T>::from_key(keys[size_t(i) * kBlock + j]);
-              total[size_t(p) * K + i] += s;
-            }
-            continue;
+          const Key* k = keys.data() + size_t(i) * kBlock;
+          if (selecting[i])
+            histogram_block<T>(k, m, shift, width, prefix[i], first, hist.data() + at(p, i) * bins);
+          if (want_l1 && (count_totals || (selecting[i] && shift == 0))) {
+            // totals on the first pass; on the last, the L1 of keys above the chosen prefix
+            const Key above_key = shift == 0 && !first ? Key(((prefix[i] + 1) << (shift + width)) - 1)
+                                                        : std::numeric_limits<Key>::max();
+            double unused_total = 0;
+            l1_block<T>(k, m, above_key, count_totals ? total[at(p, i)] : unused_total, above_l1[at(p, i)]);
           }
-          histogram_block<T>(keys.data() + size_t(i) * kBlock, m, shift, width, prefix[i], first,
-                             hist.data() + (size_t(p) * K + i) * bins, want_l1, last,
-                             above[size_t(p) * K + i], total[size_t(p) * K + i]);
         }
       }
     }
-    if (first) bad |= bad_pass;
-    for (int i : active) {
+    if (!first_pass_done) bad |= bad_pass;
+    first_pass_done = true;
+    std::vector<int> still_pending;
+    for (int i : pending) {
       std::vector<uint64_t> counts(bins, 0);
       for (int p = 0; p < parts; ++p) {
-        const uint32_t* h = hist.data() + (size_t(p) * K + i) * bins;
+        const uint32_t* h = hist.data() + at(p, i) * bins;
         for (int b = 0; b < bins; ++b) counts[b] += h[b];
       }
-      int64_t above_count = 0;
-      int chosen = 0;
-      for (int b = bins - 1; b >= 0; --b) {
-        if (above_count + int64_t(counts[b]) >= need[i]) { chosen = b; break; }
-        above_count += counts[b];
-      }
-      need[i] -= above_count;
       const uint64_t level_prefix = prefix[i];
+      const int chosen = sd::choose_bin(counts.data(), bins, need[i]);
       prefix[i] = (prefix[i] << width) | uint64_t(chosen);
-      if (!last) continue;
-      Selection& s = sel[i];
-      s.threshold = prefix[i];
-      const int64_t ties = int64_t(counts[chosen]);
-      if (!tie_index || need[i] == ties) {
-        s.mode = Selection::greater_equal;
-        s.ties_to_keep = ties;
-      } else {
-        s.mode = Selection::partial;
-        s.ties_to_keep = need[i];
-        s.ties_before.assign(parts, 0);
-        int64_t run = 0;
-        for (int p = 0; p < parts; ++p) {
-          s.ties_before[p] = run;
-          run += hist[(size_t(p) * K + i) * bins + chosen];
-        }
-      }
+      if (shift != 0) { still_pending.push_back(i); continue; }
+      std::vector<int64_t> ties(parts);
+      for (int p = 0; p < parts; ++p) ties[p] = hist[at(p, i) * bins + chosen];
+      sd::finish(sel[i], prefix[i], int64_t(counts[chosen]), need[i], tie_index, ties);
       if (want_l1) {
         double kept = 0;
-        for (int p = 0; p < parts; ++p) kept += above[size_t(p) * K + i];
+        if (!first) for (int p = 0; p < parts; ++p) kept += above_l1[at(p, i)];
         for (int b = chosen + 1; b < bins; ++b)
           if (counts[b]) kept += double(counts[b]) * double(Num<T>::from_key(Key((level_prefix << width) | uint64_t(b))));
-        kept += double(s.ties_to_keep) * double(Num<T>::from_key(Key(s.threshold)));
-        s.l1_kept = kept;
+        sel[i].l1_kept = kept + double(sel[i].ties_to_keep) * double(Num<T>::from_key(Key(prefix[i])));
       }
     }
-    first = false;
-    if (last) break;
-    shift -= 16;
-    width = 16;
-    if (active.empty()) break;
+    pending.swap(still_pending);
+    if (shift == 0) break;
   }
   for (int i = 0; i < K; ++i) {
     double t = 0;
-    for (int p = 0; p < parts; ++p) t += total[size_t(p) * K + i];
+    for (int p = 0; p < parts; ++p) t += total[at(p, i)];
     sel[i].l1_total = t;
     if (sel[i].mode == Selection::all) sel[i].l1_kept = t;
   }

@@ -42,6 +42,15 @@ if WANT_CUDA:
     )
 
 
+def _cuda_home_from_nvcc(nvcc):
+    """The toolkit root nvcc reports (`_HERE_` of --dryrun), robust to wrapper scripts on PATH."""
+    out = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull], capture_output=True, text=True)
+    for line in (out.stdout + out.stderr).splitlines():
+        if "_HERE_=" in line:
+            return os.path.dirname(line.split("_HERE_=", 1)[1].strip())
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+
+
 class BuildExt(build_ext):
     """Compiles csrc/cuda/*.cu with nvcc and links them into fusion_engine._C_cuda."""
 
@@ -54,7 +63,7 @@ class BuildExt(build_ext):
         nvcc = shutil.which("nvcc") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
         if not os.path.exists(nvcc):
             raise RuntimeError("FUSION_ENGINE_CUDA=1 but nvcc was not found (set CUDA_HOME or PATH)")
-        cuda_home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        cuda_home = os.environ.get("CUDA_HOME") or _cuda_home_from_nvcc(nvcc)
         archs = os.environ.get("FUSION_ENGINE_CUDA_ARCHS", "80;90").split(";")
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         out_dir = os.path.join(self.build_temp, "cuda")
@@ -66,8 +75,9 @@ class BuildExt(build_ext):
             print(" ".join(cmd))
             subprocess.check_call(cmd, cwd=HERE)
             ext.extra_objects.append(obj)
+        ext.include_dirs.append(os.path.join(cuda_home, "include"))
         ext.library_dirs.append(os.path.join(cuda_home, "lib64"))
-        ext.libraries.append("cudart")
+        ext.libraries += ["cudart_static", "rt", "pthread", "dl"]
 
 
 setup(ext_modules=extensions, cmdclass={"build_ext": BuildExt})

@@ -84,4 +84,29 @@ FE_SIMD void delta_keys_block(const T* x, const typename Num<T>::acc* b, int64_t
   bad |= nf;
 }
 
+// The merge pass of TIES and DARE: walk every chunk block by block; `make_rows(part)` gives a
+// callable rows(i, begin, m, b, v, bad) that writes model i's processed task-vector entries
+// for the block into v (b is the base block in the accumulation type); then combine and store.
+// Returns whether any input read in this pass was non-finite.
+template <class T, class MakeRows>
+bool combine_pass(const T* base, int K, const Chunking& ch, const std::vector<typename Num<T>::acc>& w,
+                  const CombineParams& c, void* out, DType out_dtype, MakeRows&& make_rows) {
+  using A = typename Num<T>::acc;
+  int bad = 0;
+#pragma omp parallel for num_threads(ch.parts) schedule(static, 1) reduction(| : bad)
+  for (int part = 0; part < ch.parts; ++part) {
+    auto rows = make_rows(part);
+    std::vector<A> v(size_t(K) * kBlock);
+    A b[kBlock], y[kBlock];
+    for (int64_t begin = ch.begin(part); begin < ch.end(part); begin += kBlock) {
+      const int64_t m = std::min(kBlock, ch.end(part) - begin);
+      load_block(base + begin, b, m, bad);
+      for (int i = 0; i < K; ++i) rows(i, begin, m, b, v.data() + size_t(i) * kBlock, bad);
+      combine_block(v.data(), K, m, w.data(), c, b, y);
+      store_block(y, out, out_dtype, begin, m);
+    }
+  }
+  return bad != 0;
+}
+
 }  // namespace fe

@@ -144,8 +144,6 @@ static bool dare_impl(const DareParams& p, int threads) {
   const T* base = static_cast<const T*>(p.base);
   auto input = [&](int i) { return static_cast<const T*>(p.inputs[i]); };
   const Chunking ch(p.n, threads);
-  int bad = 0;
-
   std::vector<A> w(K), scale(K, A(1));
   for (int i = 0; i < K; ++i) {
     w[i] = static_cast<A>(p.weights[i]);
@@ -176,29 +174,21 @@ static bool dare_impl(const DareParams& p, int threads) {
     }
   }
 
-#pragma omp parallel for num_threads(ch.parts) schedule(static, 1) reduction(| : bad)
-  for (int part = 0; part < ch.parts; ++part) {
-    std::vector<A> v(size_t(K) * kBlock);
-    A b[kBlock], delta[kBlock], y[kBlock];
-    Key keys[kBlock];
-    uint32_t words[kBlock];
-    for (int64_t begin = ch.begin(part); begin < ch.end(part); begin += kBlock) {
-      const int64_t m = std::min(kBlock, ch.end(part) - begin);
-      load_block(base + begin, b, m, bad);
-      for (int i = 0; i < K; ++i) {
-        const T* x = input(i) + begin;
-        int nf = 0;
-        for (int64_t j = 0; j < m; ++j) nf |= Num<T>::nonfinite(x[j]);
-        bad |= nf;
-        delta_block(x, b, m, delta, keys);
-        philox_block(uint64_t(p.offset + begin), m, uint32_t(i), p.stream, p.seed, words);
-        dropped_block(delta, words, p.thresholds[i], scale[i], m, v.data() + size_t(i) * kBlock);
-      }
-      combine_block(v.data(), K, m, w.data(), p.combine, b, y);
-      store_block(y, p.out, p.out_dtype, begin, m);
-    }
-  }
-  return bad != 0;
+  auto make_rows = [&](int) {
+    return [&](int i, int64_t begin, int64_t m, const A* b, A* v, int& nonfinite) {
+      A delta[kBlock];
+      Key keys[kBlock];
+      uint32_t words[kBlock];
+      const T* x = input(i) + begin;
+      int nf = 0;
+      for (int64_t j = 0; j < m; ++j) nf |= Num<T>::nonfinite(x[j]);
+      nonfinite |= nf;
+      delta_block(x, b, m, delta, keys);
+      philox_block(uint64_t(p.offset + begin), m, uint32_t(i), p.stream, p.seed, words);
+      dropped_block(delta, words, p.thresholds[i], scale[i], m, v);
+    };
+  };
+  return combine_pass(base, K, ch, w, p.combine, p.out, p.out_dtype, make_rows);
 }
 
 namespace cpu {

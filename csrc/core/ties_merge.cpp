@@ -37,27 +37,19 @@ static bool ties_impl(const TiesParams& p, int threads) {
       scale[i] = static_cast<A>(sel[i].l1_total / sel[i].l1_kept);
   }
 
-#pragma omp parallel for num_threads(ch.parts) schedule(static, 1)
-  for (int part = 0; part < ch.parts; ++part) {
-    std::vector<A> v(size_t(K) * kBlock);
-    A b[kBlock], delta[kBlock], y[kBlock];
-    Key keys[kBlock];
-    uint8_t kept[kBlock];
+  auto make_rows = [&](int part) {
     std::vector<KeepRule> rules;
     for (int i = 0; i < K; ++i) rules.emplace_back(sel[i], part);
-    int unused = 0;
-    for (int64_t begin = ch.begin(part); begin < ch.end(part); begin += kBlock) {
-      const int64_t m = std::min(kBlock, ch.end(part) - begin);
-      load_block(base + begin, b, m, unused);
-      for (int i = 0; i < K; ++i) {
-        delta_block(input(i) + begin, b, m, delta, keys);
-        keep_block(keys, m, rules[i], kept);
-        trimmed_block(delta, kept, scale[i], m, v.data() + size_t(i) * kBlock);
-      }
-      combine_block(v.data(), K, m, w.data(), p.combine, b, y);
-      store_block(y, p.out, p.out_dtype, begin, m);
-    }
-  }
+    return [&, rules](int i, int64_t begin, int64_t m, const A* b, A* v, int&) mutable {
+      A delta[kBlock];
+      Key keys[kBlock];
+      uint8_t kept[kBlock];
+      delta_block(input(i) + begin, b, m, delta, keys);
+      keep_block(keys, m, rules[i], kept);
+      trimmed_block(delta, kept, scale[i], m, v);
+    };
+  };
+  combine_pass(base, K, ch, w, p.combine, p.out, p.out_dtype, make_rows);  // inputs were checked in pass 1
   return bad != 0;
 }
 

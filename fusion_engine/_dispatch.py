@@ -132,12 +132,15 @@ def resolve(op: str, device: torch.device, dtype: torch.dtype, backend: str | No
             why = f"it does not run on {device.type} tensors"
         elif dtype not in BACKEND_DTYPES[requested]:
             why = f"it has no kernel for {dtype}"
-        if why:
-            raise BackendUnavailableError(
-                f"backend {requested!r} was requested for {op} but cannot run: {why}. "
-                f"Use backend=None for the automatic choice (fusion_engine.backends() shows what is usable)."
-            )
-        return requested, _load(table[requested])
+        if not why:
+            try:
+                return requested, _load(table[requested])
+            except ImportError as exc:
+                why = f"its kernel module failed to load: {exc}"
+        raise BackendUnavailableError(
+            f"backend {requested!r} was requested for {op} but cannot run: {why}. "
+            f"Use backend=None for the automatic choice (fusion_engine.backends() shows what is usable)."
+        )
     for name in _AUTO_ORDER.get(device.type, ("torch",)):
         if name not in table:
             continue

@@ -46,8 +46,10 @@ def combine_add(num_pos, num_neg, den_pos, den_neg, total, v, w, CONSENSUS: tl.c
             e = v
         pos = e > 0
         neg = e < 0
-        num_pos += tl.where(pos, weighted, 0.0)
-        num_neg += tl.where(neg, weighted, 0.0)
+        # a NaN entry agrees with neither sign but, like the reference's NaN * 0, poisons N
+        nan_part = tl.where(weighted != weighted, weighted, 0.0)
+        num_pos += tl.where(pos, weighted, nan_part)
+        num_neg += tl.where(neg, weighted, nan_part)
         if DIVISOR_COUNT:
             den_pos += pos.to(tl.float32)
             den_neg += neg.to(tl.float32)

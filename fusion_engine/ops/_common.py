@@ -122,7 +122,8 @@ def flat(t: torch.Tensor) -> torch.Tensor:
 def run(op: str, named: Sequence[tuple[str, torch.Tensor]], shape, dtype, device, backend, check_finite, args, kwargs):
     """Dispatch one call to a kernel-level function and report non-finite inputs by name."""
     _, kernel = resolve(op, device, dtype, backend)
-    out, nonfinite = kernel(*args, **kwargs)
+    with torch.no_grad():  # merges are not differentiable: every backend returns a plain tensor
+        out, nonfinite = kernel(*args, **kwargs)
     if nonfinite and check_finite:
         bad = [name for name, t in named if t.numel() and not bool(torch.isfinite(t).all())]
         raise NonFiniteError(

@@ -94,7 +94,7 @@ def dare_merge_reference(base: torch.Tensor, tensors: list[torch.Tensor], weight
 register(
     "dare_merge",
     torch="fusion_engine.ops.dare_merge:dare_merge_reference",
-    cpp="fusion_engine.backends.cpp:dare_merge",
+    cpp="fusion_engine.launchers.cpp:dare_merge",
     triton="fusion_engine.triton_kernels.dare_merge:dare_merge",
-    cuda="fusion_engine.backends.cuda:dare_merge",
+    cuda="fusion_engine.launchers.cuda:dare_merge",
 )

@@ -75,7 +75,7 @@ def fisher_merge_reference(tensors: list[torch.Tensor], fishers: list[torch.Tens
 register(
     "fisher_merge",
     torch="fusion_engine.ops.fisher_merge:fisher_merge_reference",
-    cpp="fusion_engine.backends.cpp:fisher_merge",
+    cpp="fusion_engine.launchers.cpp:fisher_merge",
     triton="fusion_engine.triton_kernels.fisher_merge:fisher_merge",
-    cuda="fusion_engine.backends.cuda:fisher_merge",
+    cuda="fusion_engine.launchers.cuda:fisher_merge",
 )

@@ -67,7 +67,7 @@ def linear_merge_reference(tensors: list[torch.Tensor], coeffs: list[float], *, 
 register(
     "linear_merge",
     torch="fusion_engine.ops.linear_merge:linear_merge_reference",
-    cpp="fusion_engine.backends.cpp:linear_merge",
+    cpp="fusion_engine.launchers.cpp:linear_merge",
     triton="fusion_engine.triton_kernels.linear_merge:linear_merge",
-    cuda="fusion_engine.backends.cuda:linear_merge",
+    cuda="fusion_engine.launchers.cuda:linear_merge",
 )

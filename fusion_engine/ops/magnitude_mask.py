@@ -71,7 +71,7 @@ def magnitude_mask_reference(x: torch.Tensor, k: int, *, tie: str):
 register(
     "magnitude_mask",
     torch="fusion_engine.ops.magnitude_mask:magnitude_mask_reference",
-    cpp="fusion_engine.backends.cpp:magnitude_mask",
+    cpp="fusion_engine.launchers.cpp:magnitude_mask",
     triton="fusion_engine.triton_kernels.magnitude_mask:magnitude_mask",
-    cuda="fusion_engine.backends.cuda:magnitude_mask",
+    cuda="fusion_engine.launchers.cuda:magnitude_mask",
 )

@@ -60,7 +60,7 @@ def task_arithmetic_reference(base: torch.Tensor, tensors: list[torch.Tensor], c
 register(
     "task_arithmetic",
     torch="fusion_engine.ops.task_arithmetic:task_arithmetic_reference",
-    cpp="fusion_engine.backends.cpp:task_arithmetic",
+    cpp="fusion_engine.launchers.cpp:task_arithmetic",
     triton="fusion_engine.triton_kernels.task_arithmetic:task_arithmetic",
-    cuda="fusion_engine.backends.cuda:task_arithmetic",
+    cuda="fusion_engine.launchers.cuda:task_arithmetic",
 )

@@ -92,7 +92,7 @@ def ties_merge_reference(base: torch.Tensor, tensors: list[torch.Tensor], weight
 register(
     "ties_merge",
     torch="fusion_engine.ops.ties_merge:ties_merge_reference",
-    cpp="fusion_engine.backends.cpp:ties_merge",
+    cpp="fusion_engine.launchers.cpp:ties_merge",
     triton="fusion_engine.triton_kernels.ties_merge:ties_merge",
-    cuda="fusion_engine.backends.cuda:ties_merge",
+    cuda="fusion_engine.launchers.cuda:ties_merge",
 )

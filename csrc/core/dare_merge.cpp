@@ -118,9 +118,18 @@ static void philox_block(uint64_t first, int64_t m, uint32_t model, uint32_t str
   philox_block_generic(first, m, model, stream, seed, words);
 }
 
-template <class A>
-FE_SIMD static void dropped_block(const A* delta, const uint32_t* words, uint64_t threshold, A scale, int64_t m, A* v) {
-  for (int64_t j = 0; j < m; ++j) v[j] = delta[j] * A(uint64_t(words[j]) < threshold) * scale;
+// v = T(x - b) * [word < threshold] * scale, and the non-finite check of x, in one pass.
+template <class T>
+FE_SIMD static void dropped_delta_block(const T* x, const typename Num<T>::acc* b, const uint32_t* words,
+                                        uint64_t threshold, typename Num<T>::acc scale, int64_t m,
+                                        typename Num<T>::acc* v, int& bad) {
+  using A = typename Num<T>::acc;
+  int nf = 0;
+  for (int64_t j = 0; j < m; ++j) {
+    v[j] = Num<T>::round(Num<T>::to_acc(x[j]) - b[j]) * A(uint64_t(words[j]) < threshold) * scale;
+    nf |= Num<T>::nonfinite(x[j]);
+  }
+  bad |= nf;
 }
 
 template <class A>
@@ -176,16 +185,9 @@ static bool dare_impl(const DareParams& p, int threads) {
 
   auto make_rows = [&](int) {
     return [&](int i, int64_t begin, int64_t m, const A* b, A* v, int& nonfinite) {
-      A delta[kBlock];
-      Key keys[kBlock];
       uint32_t words[kBlock];
-      const T* x = input(i) + begin;
-      int nf = 0;
-      for (int64_t j = 0; j < m; ++j) nf |= Num<T>::nonfinite(x[j]);
-      nonfinite |= nf;
-      delta_block(x, b, m, delta, keys);
       philox_block(uint64_t(p.offset + begin), m, uint32_t(i), p.stream, p.seed, words);
-      dropped_block(delta, words, p.thresholds[i], scale[i], m, v);
+      dropped_delta_block(input(i) + begin, b, words, p.thresholds[i], scale[i], m, v, nonfinite);
     };
   };
   return combine_pass(base, K, ch, w, p.combine, p.out, p.out_dtype, make_rows);

@@ -67,19 +67,34 @@ FE_SIMD void keep_block(const Key* keys, int64_t m, KeepRule& r, uint8_t* kept) 
 }
 
 
-// Histogram one block of one model's keys at a level (prefix = chosen higher bits).
+// Histogram one block of one model's keys at a level (prefix = chosen higher bits). `hist` has
+// kZeroSlots extra counters after its bins: zero keys (unchanged weights, often a large share)
+// rotate over them instead of all hitting bin 0, which would chain every increment through
+// store-to-load forwarding. add_zero_slots folds them back into bin 0.
+constexpr int kZeroSlots = 8;
+
 template <class T>
 FE_SIMD void histogram_block(const typename Num<T>::key_t* keys, int64_t m, int shift, int width, uint64_t prefix,
                              bool first_level, uint32_t* hist) {
   using Key = typename Num<T>::key_t;
   const Key mask = (Key(1) << width) - 1;
+  const uint32_t zero_slot = uint32_t(1) << width;
   if (first_level) {
-    for (int64_t j = 0; j < m; ++j) hist[keys[j] >> shift]++;
+    for (int64_t j = 0; j < m; ++j) {
+      const Key k = keys[j];
+      hist[k ? uint32_t(k >> shift) : zero_slot + uint32_t(j & (kZeroSlots - 1))]++;
+    }
   } else {
     const Key pre = static_cast<Key>(prefix);
-    for (int64_t j = 0; j < m; ++j)
-      if ((keys[j] >> (shift + width)) == pre) hist[(keys[j] >> shift) & mask]++;
+    for (int64_t j = 0; j < m; ++j) {
+      const Key k = keys[j];
+      if ((k >> (shift + width)) == pre) hist[k ? uint32_t((k >> shift) & mask) : zero_slot + uint32_t(j & (kZeroSlots - 1))]++;
+    }
   }
+}
+
+inline void add_zero_slots(uint32_t* hist, int bins) {
+  for (int z = 0; z < kZeroSlots; ++z) { hist[0] += hist[bins + z]; hist[bins + z] = 0; }
 }
 
 // Sum of |x| over a block, and over the keys strictly above `above` (L1 norms for rescaling).
@@ -142,6 +157,7 @@ namespace select_detail {
 
 constexpr int64_t kWindowMinN = int64_t(1) << 18;  // smaller tensors: plain histogram passes
 constexpr int kSampleRuns = 128, kSampleRun = 512;   // 64K sampled entries in 128 runs
+constexpr double kMaxInsideFraction = 0.05;          // wider windows: plain histogram passes
 
 // The bin holding the need-th largest key, scanning from the top; need becomes its rank in it.
 inline int choose_bin(const uint64_t* counts, int bins, int64_t& need) {
@@ -208,7 +224,11 @@ bool window_from_sample(std::vector<Key>& sample, int64_t k, int64_t n, Key& lo,
   };
   hi = hi_rank < 0 ? std::numeric_limits<Key>::max() : nth(hi_rank);
   lo = lo_rank >= int64_t(S) ? Key(0) : nth(lo_rank);
-  return true;
+  // Heavily tied keys (e.g. bf16 task vectors) can put most entries inside the window: then
+  // collecting them costs more than one histogram pass.
+  int64_t inside = 0;
+  for (Key k : sample) inside += Key(k - lo) <= Key(hi - lo);
+  return double(inside) <= kMaxInsideFraction * S;
 }
 
 }  // namespace select_detail
@@ -305,7 +325,8 @@ std::vector<Selection> select_topk(int K, int64_t n, const int64_t* ks, bool tie
     const bool first = shift == Num<T>::key_bits - 15;
     const bool count_totals = !first_pass_done;
     const int bins = 1 << width;
-    hist.assign(size_t(parts) * K * bins, 0u);
+    const size_t stride = size_t(bins) + kZeroSlots;  // per (chunk, model): bins + zero slots
+    hist.assign(size_t(parts) * K * stride, 0u);
     std::fill(above_l1.begin(), above_l1.end(), 0.0);
     std::vector<char> selecting(K, 0);
     for (int i : pending) selecting[i] = 1;
@@ -319,7 +340,7 @@ std::vector<Selection> select_topk(int K, int64_t n, const int64_t* ks, bool tie
         for (int i = 0; i < K; ++i) {
           const Key* k = keys.data() + size_t(i) * kBlock;
           if (selecting[i])
-            histogram_block<T>(k, m, shift, width, prefix[i], first, hist.data() + at(p, i) * bins);
+            histogram_block<T>(k, m, shift, width, prefix[i], first, hist.data() + at(p, i) * stride);
           if (want_l1 && (count_totals || (selecting[i] && shift == 0))) {
             // totals on the first pass; on the last, the L1 of keys above the chosen prefix
             const Key above_key = shift == 0 && !first ? Key(((prefix[i] + 1) << (shift + width)) - 1)
@@ -336,7 +357,8 @@ std::vector<Selection> select_topk(int K, int64_t n, const int64_t* ks, bool tie
     for (int i : pending) {
       std::vector<uint64_t> counts(bins, 0);
       for (int p = 0; p < parts; ++p) {
-        const uint32_t* h = hist.data() + at(p, i) * bins;
+        uint32_t* h = hist.data() + at(p, i) * stride;
+        add_zero_slots(h, bins);
         for (int b = 0; b < bins; ++b) counts[b] += h[b];
       }
       const uint64_t level_prefix = prefix[i];
@@ -344,7 +366,7 @@ std::vector<Selection> select_topk(int K, int64_t n, const int64_t* ks, bool tie
       prefix[i] = (prefix[i] << width) | uint64_t(chosen);
       if (shift != 0) { still_pending.push_back(i); continue; }
       std::vector<int64_t> ties(parts);
-      for (int p = 0; p < parts; ++p) ties[p] = hist[at(p, i) * bins + chosen];
+      for (int p = 0; p < parts; ++p) ties[p] = hist[at(p, i) * stride + chosen];
       sd::finish(sel[i], prefix[i], int64_t(counts[chosen]), need[i], tie_index, ties);
       if (want_l1) {
         double kept = 0;

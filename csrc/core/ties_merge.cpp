@@ -13,6 +13,31 @@ FE_SIMD static void trimmed_block(const A* delta, const uint8_t* kept, A scale, 
   for (int64_t j = 0; j < m; ++j) v[j] = delta[j] * A(kept[j]) * scale;
 }
 
+// v = T(x - b) * [key > T (Strict) or key >= T] * scale in one pass: the common case.
+// Returns how many keys equal T (the ties this block holds).
+template <bool Strict, class T>
+FE_SIMD static int64_t trimmed_delta_block(const T* x, const typename Num<T>::acc* b, int64_t m,
+                                           typename Num<T>::key_t threshold, typename Num<T>::acc scale,
+                                           typename Num<T>::acc* v) {
+  using A = typename Num<T>::acc;
+  using Key = typename Num<T>::key_t;
+  int64_t equal = 0;
+  for (int64_t j = 0; j < m; ++j) {
+    const A d = Num<T>::round(Num<T>::to_acc(x[j]) - b[j]);
+    const Key k = key_of<T>(d);
+    v[j] = d * A(Strict ? k > threshold : k >= threshold) * scale;
+    equal += k == threshold;
+  }
+  return equal;
+}
+
+// v = T(x - b) * scale: every entry kept.
+template <class T>
+FE_SIMD static void scaled_delta_block(const T* x, const typename Num<T>::acc* b, int64_t m,
+                                       typename Num<T>::acc scale, typename Num<T>::acc* v) {
+  for (int64_t j = 0; j < m; ++j) v[j] = Num<T>::round(Num<T>::to_acc(x[j]) - b[j]) * scale;
+}
+
 template <class T>
 static bool ties_impl(const TiesParams& p, int threads) {
   using A = typename Num<T>::acc;
@@ -41,11 +66,29 @@ static bool ties_impl(const TiesParams& p, int threads) {
     std::vector<KeepRule> rules;
     for (int i = 0; i < K; ++i) rules.emplace_back(sel[i], part);
     return [&, rules](int i, int64_t begin, int64_t m, const A* b, A* v, int&) mutable {
-      A delta[kBlock];
+      KeepRule& rule = rules[i];
+      const Key t = static_cast<Key>(rule.threshold);
+      switch (rule.mode) {
+        case Selection::none: std::fill(v, v + m, A(0)); return;
+        case Selection::all: scaled_delta_block(input(i) + begin, b, m, scale[i], v); return;
+        case Selection::greater: trimmed_delta_block<true>(input(i) + begin, b, m, t, scale[i], v); return;
+        case Selection::greater_equal: trimmed_delta_block<false>(input(i) + begin, b, m, t, scale[i], v); return;
+        case Selection::partial:
+          if (rule.ties_seen >= rule.ties_to_keep) {  // every remaining tie is dropped
+            trimmed_delta_block<true>(input(i) + begin, b, m, t, scale[i], v);
+            return;
+          }
+          if (rule.ties_seen + m <= rule.ties_to_keep) {  // every tie of this block is kept
+            rule.ties_seen += trimmed_delta_block<false>(input(i) + begin, b, m, t, scale[i], v);
+            return;
+          }
+          break;
+      }
+      A delta[kBlock];  // the tie cut may fall in this block: walk its keys in order
       Key keys[kBlock];
       uint8_t kept[kBlock];
       delta_block(input(i) + begin, b, m, delta, keys);
-      keep_block(keys, m, rules[i], kept);
+      keep_block(keys, m, rule, kept);
       trimmed_block(delta, kept, scale[i], m, v);
     };
   };

@@ -32,31 +32,42 @@ class Case:
     providers: dict[str, Callable[[], object]] = field(default_factory=dict)
 
 
-def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
-    """Measured device copy bandwidth in bytes/s (read + write), best of `repeats`."""
-    src = torch.ones(nbytes // 4)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = min(_timed(lambda: dst.copy_(src)) for _ in range(repeats))
-    return 2 * nbytes / best
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
-def _timed(fn) -> float:
+def timed(fn, device: str = "cpu") -> float:
+    """Wall time of one call, synchronising the GPU before reading the clock."""
+    synchronize(device)
     start = time.perf_counter()
     fn()
+    synchronize(device)
     return time.perf_counter() - start
 
 
-def _inputs(dtype, K, n=N, seed=0):
+def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 5, device: str = "cpu") -> float:
+    """Measured device copy bandwidth in bytes/s (read + write), best of `repeats`."""
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = min(timed(lambda: dst.copy_(src), device) for _ in range(repeats))
+    return 2 * nbytes / best
+
+
+def _inputs(dtype, K, n=N, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(n, generator=g).to(dtype)
-    xs = [(base.float() + 0.01 * torch.randn(n, generator=g)).to(dtype) for _ in range(K)]
-    return base, xs
+    xs = [(base.float() + 0.01 * torch.randn(n, generator=g)).to(dtype).to(device) for _ in range(K)]
+    return base.to(device), xs
 
 
 def _ours(fn, **kw):
+    device = next(v for v in kw.values() if isinstance(v, torch.Tensor) or isinstance(v, list))
+    device = (device[0] if isinstance(device, list) else device).device.type
     usable = {name: s.usable for name, s in fe.backends().items()}
-    return {f"fusion_engine-{b}": (lambda b=b: fn(backend=b, **kw)) for b in ("cpp",) if usable[b]}
+    mine = ("cpp",) if device == "cpu" else ("triton", "cuda")
+    return {f"fusion_engine-{b}": (lambda b=b: fn(backend=b, **kw)) for b in mine if usable[b]}
 
 
 def _reference(fn, **kw):
@@ -86,8 +97,8 @@ def _peft(name, base, xs, **kw):
     return {"peft": run}
 
 
-def make_case(op: str, dtype: torch.dtype, K: int, n: int = N) -> Case:
-    base, xs = _inputs(dtype, K, n)
+def make_case(op: str, dtype: torch.dtype, K: int, n: int = N, device: str = "cpu") -> Case:
+    base, xs = _inputs(dtype, K, n, device=device)
     es = base.element_size()
     w = [1.0] * K
     if op == "linear_merge":

@@ -1,6 +1,6 @@
-"""Run every benchmark case side by side in one process and write benchmarks/RESULTS.md.
+"""Run every benchmark case side by side in one process and write a results table.
 
-    python benchmarks/report.py [--ops ties_merge,dare_merge] [--quick]
+    python benchmarks/report.py [--ops ties_merge,dare_merge] [--quick] [--device cuda] [--n N] [--ks 3,8]
 
 For each case: the best of several runs per provider (one run for the slow references), the
 achieved GB/s counting the op's minimum bytes, the ratio to the bandwidth floor (minimum bytes ÷
@@ -15,26 +15,20 @@ import datetime
 import os
 import platform
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _cases import DTYPES, KS, N, OPS, copy_bandwidth, make_case  # noqa: E402
+from _cases import DTYPES, KS, N, OPS, copy_bandwidth, make_case, timed  # noqa: E402
 
 import fusion_engine as fe  # noqa: E402
 
 SLOW = ("mergekit", "peft", "torch-reference")
 
 
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up (and the single run of slow references is counted after it)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+def best_time(fn, repeats: int, device: str) -> float:
+    timed(fn, device)  # warm-up (compilation, thread pool, first-touch pages)
+    return min(timed(fn, device) for _ in range(repeats))
 
 
 def cpu_name() -> str:
@@ -52,47 +46,53 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ops", default=",".join(OPS))
     parser.add_argument("--quick", action="store_true", help="K=3 only, one run of each slow reference")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--n", type=int, default=N, help="elements per tensor")
+    parser.add_argument("--ks", default=",".join(map(str, KS)), help="numbers of models, e.g. 3,8")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"))
     args = parser.parse_args()
+    ks = tuple(int(k) for k in args.ks.split(","))
+    ours = "fusion_engine-cpp" if args.device == "cpu" else "fusion_engine-triton"
 
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth(device=args.device)
     rows = []
     for op in args.ops.split(","):
         for dtype in DTYPES:
-            for K in ((1,) if op == "magnitude_mask" else (KS[:1] if args.quick else KS)):
-                case = make_case(op, dtype, K)
+            for K in ((1,) if op == "magnitude_mask" else (ks[:1] if args.quick else ks)):
+                case = make_case(op, dtype, K, n=args.n, device=args.device)
                 floor = case.floor_bytes / bandwidth
                 times = {}
                 for provider, fn in case.providers.items():
-                    times[provider] = best_time(fn, 1 if provider in SLOW else 5)
+                    times[provider] = best_time(fn, 1 if provider in SLOW else 5, args.device)
                     print(f"{op:16s} {str(dtype):15s} K={K} {provider:20s} {times[provider] * 1e3:10.2f} ms",
                           flush=True)
                 rows.append((case, floor, times))
                 del case
 
     simd = fe._C.simd_level() if fe.backends()["cpp"].usable else "n/a"
+    machine = (torch.cuda.get_device_name() if args.device == "cuda"
+               else f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, cpp SIMD clone `{simd}`")
     lines = [
         "# Benchmark results",
         "",
-        f"Command: `python benchmarks/report.py{' --quick' if args.quick else ''}` "
+        f"Command: `python benchmarks/report.py {' '.join(sys.argv[1:])}` "
         f"(pytest-benchmark suites: `pytest benchmarks/`)",
-        f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, cpp SIMD clone `{simd}`",
+        f"Machine: {machine}, torch {torch.__version__}",
         f"Date: {datetime.date.today().isoformat()}",
-        f"Tensors: {N:,} elements each, density {0.2} where it applies. "
+        f"Tensors: {args.n:,} elements each, density {0.2} where it applies. "
         f"Copy bandwidth measured in this run: **{bandwidth / 1e9:.1f} GB/s** (read + write of 256 MiB).",
         "",
         "Floor = minimum bytes (each input read once per pass the algorithm needs, output written once) ÷ copy "
         "bandwidth. GB/s counts those minimum bytes. `× floor` = time ÷ floor. `speed-up` = reference time ÷ "
-        "fusion_engine-cpp time.",
+        f"{ours} time.",
         "",
-        "| op | dtype | K | floor | provider | time (ms) | GB/s | × floor | speed-up of cpp |",
+        f"| op | dtype | K | floor | provider | time (ms) | GB/s | × floor | speed-up of {ours.split('-')[1]} |",
         "|---|---|---|---|---|---:|---:|---:|---:|",
     ]
     for case, floor, times in rows:
-        ours = times.get("fusion_engine-cpp")
+        mine = times.get(ours)
         for provider, t in times.items():
-            speedup = f"{t / ours:.1f}×" if ours and provider != "fusion_engine-cpp" else ""
+            speedup = f"{t / mine:.1f}×" if mine and provider != ours else ""
             lines.append(
                 f"| {case.op} | {str(case.dtype).replace('torch.', '')} | {case.K} | "
                 f"{case.floor_passes}, {floor * 1e3:.1f} ms | {provider} | {t * 1e3:.1f} | "

@@ -8,7 +8,7 @@
 // give every chunk the number of ties before it, so `tie_index` (keep exactly k, lowest index
 // first) needs no extra pass.
 //
-// Large tensors first try a sampled window: the keys of 64K sampled entries bracket T in
+// Large tensors first try a sampled window: the keys of up to 64K sampled entries bracket T in
 // [lo, hi]; one pass then only counts the keys above hi (vectorised) and collects the few keys
 // inside the window, and the same radix select runs on those in memory. A model whose window
 // misses T (count above hi >= k, or count at least lo < k) falls back to the full histogram
@@ -156,7 +156,10 @@ FE_SIMD void window_block(const Key* keys, int64_t m, Key lo, Key hi, int64_t& a
 namespace select_detail {
 
 constexpr int64_t kWindowMinN = int64_t(1) << 18;  // smaller tensors: plain histogram passes
-constexpr int kSampleRuns = 128, kSampleRun = 512;   // 64K sampled entries in 128 runs
+constexpr int kSampleRun = 512;                      // sampled entries come in runs of 512
+inline int sample_runs(int64_t n) {                   // 1/64 of the tensor, 16 to 128 runs
+  return int(std::clamp<int64_t>(n / (64 * kSampleRun), 16, 128));
+}
 constexpr double kMaxInsideFraction = 0.05;          // wider windows: plain histogram passes
 
 // The bin holding the need-th largest key, scanning from the top; need becomes its rank in it.
@@ -260,8 +263,9 @@ std::vector<Selection> select_topk(int K, int64_t n, const int64_t* ks, bool tie
     std::vector<std::vector<Key>> sample(K);
     std::vector<Key> keys(size_t(K) * kBlock);
     int unused = 0;
-    for (int r = 0; r < sd::kSampleRuns; ++r) {
-      const int64_t begin = (n - sd::kSampleRun) * r / (sd::kSampleRuns - 1);
+    const int runs = sd::sample_runs(n);
+    for (int r = 0; r < runs; ++r) {
+      const int64_t begin = (n - sd::kSampleRun) * r / (runs - 1);
       fill(begin, sd::kSampleRun, keys.data(), unused);
       for (int i : pending) sample[i].insert(sample[i].end(), &keys[size_t(i) * kBlock], &keys[size_t(i) * kBlock] + sd::kSampleRun);
     }

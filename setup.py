@@ -16,7 +16,7 @@ from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CORE_SOURCES = sorted(glob.glob("csrc/core/*.cpp"))
-CXX_FLAGS = ["-O3", "-fopenmp", "-fvisibility=hidden", "-fno-math-errno", "-ffp-contract=off"]
+CXX_FLAGS = ["-O3", "-fopenmp", "-fvisibility=hidden", "-fno-math-errno", "-ffp-contract=off", "-fwrapv"]
 
 extensions = [
     Pybind11Extension(

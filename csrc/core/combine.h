@@ -69,7 +69,7 @@ FE_SIMD void delta_block(const T* x, const typename Num<T>::acc* b, int64_t m, t
   for (int64_t j = 0; j < m; ++j) {
     const auto d = Num<T>::round(Num<T>::to_acc(x[j]) - b[j]);
     delta[j] = d;
-    keys[j] = key_of<T>(d);
+    keys[j] = key_of_exact<T>(d);
   }
 }
 

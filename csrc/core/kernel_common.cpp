@@ -1,5 +1,9 @@
 #include "kernel_common.h"
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace fe {
 
 template <class A, class O>
@@ -24,6 +28,19 @@ template void store_block<float>(const float*, void*, DType, int64_t, int64_t);
 template void store_block<double>(const double*, void*, DType, int64_t, int64_t);
 
 int default_threads() { return omp_get_max_threads(); }
+
+void advise_huge_pages(void* data, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (bytes < 4 * kHuge) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // a hint: errors ignored
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
 
 }  // namespace fe
 

@@ -109,6 +109,16 @@ template <class T> FE_INLINE typename Num<T>::key_t key_of(typename Num<T>::acc 
   }
 }
 
+// The key of a value that is already exactly representable in T (a rounded task vector entry):
+// no second rounding, for bf16 just the top 16 bits.
+template <class T> FE_INLINE typename Num<T>::key_t key_of_exact(typename Num<T>::acc v) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    return (bits32(v) >> 16) & 0x7FFFu;
+  } else {
+    return key_of<T>(v);
+  }
+}
+
 // Convert a block of stored values to the accumulation type; OR the non-finite flag into `bad`.
 template <class T>
 FE_INLINE void load_block(const T* src, typename Num<T>::acc* dst, int64_t m, int& bad) {
@@ -139,6 +149,10 @@ struct Chunking {
 };
 
 int default_threads();
+
+// Ask the kernel for transparent huge pages on a large output buffer before the kernel first
+// writes it: a fresh 32 MB tensor otherwise costs 8192 page faults, as much time as the merge.
+void advise_huge_pages(void* data, size_t bytes);
 
 template <class T> struct Tag { using type = T; };
 

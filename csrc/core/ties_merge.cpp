@@ -24,7 +24,7 @@ FE_SIMD static int64_t trimmed_delta_block(const T* x, const typename Num<T>::ac
   int64_t equal = 0;
   for (int64_t j = 0; j < m; ++j) {
     const A d = Num<T>::round(Num<T>::to_acc(x[j]) - b[j]);
-    const Key k = key_of<T>(d);
+    const Key k = key_of_exact<T>(d);
     v[j] = d * A(Strict ? k > threshold : k >= threshold) * scale;
     equal += k == threshold;
   }

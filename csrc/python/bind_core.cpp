@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "kernel_common.h"
 #include "kernels.h"
 
 namespace py = pybind11;
@@ -32,6 +33,13 @@ fe::DType dtype_of(int code) {
   return static_cast<fe::DType>(code);
 }
 
+size_t dtype_size(int code) { return code == 0 ? 4 : code == 3 ? 8 : 2; }
+
+// The output of every op is a fresh tensor: huge pages make its first touch cheap.
+void prepare_output(uintptr_t out, int out_dtype, int64_t n) {
+  fe::advise_huge_pages(reinterpret_cast<void*>(out), size_t(n) * dtype_size(out_dtype));
+}
+
 fe::CombineParams combine_of(int consensus, bool sign_weighted, bool divisor_weights, bool normalize, double lam) {
   return fe::CombineParams{static_cast<fe::Consensus>(consensus), sign_weighted, divisor_weights, normalize, lam};
 }
@@ -49,6 +57,7 @@ PYBIND11_MODULE(_C, m) {
     fe::LinearParams p{in.data(), coeffs.data(), int32_t(in.size()), n, dtype_of(dtype),
                        reinterpret_cast<void*>(out), dtype_of(out_dtype)};
     py::gil_scoped_release release;
+    prepare_output(out, out_dtype, n);
     return fe::cpu::linear_merge(p, threads);
   });
 
@@ -59,6 +68,7 @@ PYBIND11_MODULE(_C, m) {
     fe::TaskArithmeticParams p{reinterpret_cast<const void*>(base), in.data(), coeffs.data(), int32_t(in.size()), n,
                                dtype_of(dtype), reinterpret_cast<void*>(out), dtype_of(out_dtype)};
     py::gil_scoped_release release;
+    prepare_output(out, out_dtype, n);
     return fe::cpu::task_arithmetic(p, threads);
   });
 
@@ -82,6 +92,7 @@ PYBIND11_MODULE(_C, m) {
                      combine_of(consensus, sign_weighted, divisor_weights, normalize, lam),
                      reinterpret_cast<void*>(out), dtype_of(out_dtype)};
     py::gil_scoped_release release;
+    prepare_output(out, out_dtype, n);
     return fe::cpu::ties_merge(p, threads);
   });
 
@@ -100,6 +111,7 @@ PYBIND11_MODULE(_C, m) {
                      combine_of(consensus, sign_weighted, divisor_weights, normalize, lam),
                      reinterpret_cast<void*>(out), dtype_of(out_dtype)};
     py::gil_scoped_release release;
+    prepare_output(out, out_dtype, n);
     return fe::cpu::dare_merge(p, threads);
   });
 
@@ -112,6 +124,7 @@ PYBIND11_MODULE(_C, m) {
     fe::FisherParams p{in.data(), fi.data(), weights.data(), int32_t(in.size()), n, dtype_of(dtype),
                        dtype_of(fisher_dtype), eps, reinterpret_cast<void*>(out), dtype_of(out_dtype)};
     py::gil_scoped_release release;
+    prepare_output(out, out_dtype, n);
     return fe::cpu::fisher_merge(p, threads);
   });
 }

@@ -66,6 +66,7 @@ FE_SIMD void combine_block(const A* v, int K, int64_t m, const A* w, const Combi
 template <class T>
 FE_SIMD void delta_block(const T* x, const typename Num<T>::acc* b, int64_t m, typename Num<T>::acc* delta,
                          typename Num<T>::key_t* keys) {
+  prefetch_ahead(x);
   for (int64_t j = 0; j < m; ++j) {
     const auto d = Num<T>::round(Num<T>::to_acc(x[j]) - b[j]);
     delta[j] = d;
@@ -76,6 +77,7 @@ FE_SIMD void delta_block(const T* x, const typename Num<T>::acc* b, int64_t m, t
 template <class T>
 FE_SIMD void delta_keys_block(const T* x, const typename Num<T>::acc* b, int64_t m, typename Num<T>::key_t* keys,
                               int& bad) {
+  prefetch_ahead(x);
   int nf = 0;
   for (int64_t j = 0; j < m; ++j) {
     keys[j] = key_of<T>(Num<T>::to_acc(x[j]) - b[j]);

@@ -123,6 +123,7 @@ template <class T>
 FE_SIMD static void dropped_delta_block(const T* x, const typename Num<T>::acc* b, const uint32_t* words,
                                         uint64_t threshold, typename Num<T>::acc scale, int64_t m,
                                         typename Num<T>::acc* v, int& bad) {
+  prefetch_ahead(x);
   using A = typename Num<T>::acc;
   int nf = 0;
   for (int64_t j = 0; j < m; ++j) {

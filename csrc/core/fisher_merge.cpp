@@ -8,6 +8,8 @@ namespace fe {
 template <class T, class F>
 FE_SIMD static void fisher_block(const T* x, const F* f, typename Num<T>::acc w, int64_t m, typename Num<T>::acc* num,
                                  typename Num<T>::acc* den, int& bad) {
+  prefetch_ahead(x);
+  prefetch_ahead(f);
   using A = typename Num<T>::acc;
   int nf = 0;
   for (int64_t j = 0; j < m; ++j) {

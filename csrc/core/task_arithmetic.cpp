@@ -8,6 +8,7 @@ namespace fe {
 template <class T>
 FE_SIMD static void add_delta_block(const T* x, const typename Num<T>::acc* b, typename Num<T>::acc c, int64_t m,
                                     typename Num<T>::acc* acc, int& bad) {
+  prefetch_ahead(x);
   int nf = 0;
   for (int64_t j = 0; j < m; ++j) {
     acc[j] += c * Num<T>::round(Num<T>::to_acc(x[j]) - b[j]);

@@ -19,6 +19,7 @@ template <bool Strict, class T>
 FE_SIMD static int64_t trimmed_delta_block(const T* x, const typename Num<T>::acc* b, int64_t m,
                                            typename Num<T>::key_t threshold, typename Num<T>::acc scale,
                                            typename Num<T>::acc* v) {
+  prefetch_ahead(x);
   using A = typename Num<T>::acc;
   using Key = typename Num<T>::key_t;
   int64_t equal = 0;
@@ -35,6 +36,7 @@ FE_SIMD static int64_t trimmed_delta_block(const T* x, const typename Num<T>::ac
 template <class T>
 FE_SIMD static void scaled_delta_block(const T* x, const typename Num<T>::acc* b, int64_t m,
                                        typename Num<T>::acc scale, typename Num<T>::acc* v) {
+  prefetch_ahead(x);
   for (int64_t j = 0; j < m; ++j) v[j] = Num<T>::round(Num<T>::to_acc(x[j]) - b[j]) * scale;
 }
 

@@ -382,3 +382,17 @@ def check_call(fn: Callable, args: tuple, kwargs: dict, backend: str, named: Seq
         atol, rtol = tolerance(actual.dtype, scale)
         assert_verbose_allclose(actual, expected, atol, rtol, what=f"{backend} vs torch")
     return actual
+
+
+def draw_task_merge(data, backend: str, switches: dict | None = None):
+    """One hypothesis draw of a task-vector merge: inputs, per-model weights and densities, and
+    (with ``switches``: name -> allowed values) one value per switch plus a λ."""
+    inputs = data.draw(merge_inputs(backend))
+    k = len(inputs.tensors)
+    weights = data.draw(weights_for(k))
+    density = data.draw(densities_for(k))
+    kw = {}
+    if switches is not None:
+        kw = data.draw(st.fixed_dictionaries({name: st.sampled_from(values) for name, values in switches.items()}))
+        kw["lam"] = data.draw(st.one_of(st.just(1.0), dyadic, st.floats(-2.0, 2.0)))
+    return inputs, weights, density, kw

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from fusion_engine.ops import dare_merge, stream_id, task_arithmetic
 from fusion_engine.ops.philox import keep_mask
 from utils import (
+    draw_task_merge,
     DTYPE_IDS,
     FLOAT_DTYPES,
     GRID_SHAPES,
@@ -27,15 +28,12 @@ from utils import (
     densities_for,
     device_for,
     dtypes_for,
-    dyadic,
     make_inputs,
-    merge_inputs,
     shapes_for,
     skip_large,
     skip_unless_dtype,
     skip_unless_kernel,
     tolerance,
-    weights_for,
     with_layout,
 )
 
@@ -63,19 +61,10 @@ def _scale(inputs, weights, density, kw):
     return inputs.scale() * (1.0 + 2.0 * abs(kw.get("lam", 1.0)) * rescale * normalize * sum(w))
 
 
-def switches():
-    return st.fixed_dictionaries({name: st.sampled_from(values) for name, values in SWITCHES.items()})
-
-
 @given(data=st.data())
 def test_matches_reference(backend, data):
-    inputs = data.draw(merge_inputs(backend))
-    k = len(inputs.tensors)
-    weights = data.draw(weights_for(k))
-    density = data.draw(densities_for(k))
-    kw = data.draw(switches())
-    kw.update(seed=data.draw(seeds), stream=data.draw(streams), offset=data.draw(offsets),
-              lam=data.draw(st.one_of(st.just(1.0), dyadic, st.floats(-2.0, 2.0))))
+    inputs, weights, density, kw = draw_task_merge(data, backend, SWITCHES)
+    kw.update(seed=data.draw(seeds), stream=data.draw(streams), offset=data.draw(offsets))
     out_dtype = data.draw(st.sampled_from([None, *dtypes_for(backend)]))
     check_call(dare_merge, (inputs.base, inputs.tensors, weights, density), dict(kw, out_dtype=out_dtype), backend,
                inputs.named, scale=_scale(inputs, weights, density, kw), expected_dtype=out_dtype or inputs.dtype)

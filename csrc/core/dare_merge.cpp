@@ -62,48 +62,71 @@ __attribute__((target("avx512f"))) static inline void mulhilo16(__m512i a, __m51
   lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
 }
 
-// philox_block_generic with 16 counters per AVX-512 register: same words, bit for bit.
+// 16 Philox counters per AVX-512 register: counters q .. q+15 (the high words may carry).
+struct Philox16 {
+  __m512i c0, c1, c2, c3;
+};
+
+__attribute__((target("avx512f"))) static inline Philox16 philox16_counters(uint64_t q, uint32_t model,
+                                                                            uint32_t stream) {
+  const __m512i lane_ids = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i q_lo = _mm512_set1_epi32(int(uint32_t(q))), q_hi = _mm512_set1_epi32(int(uint32_t(q >> 32)));
+  const __m512i lo = _mm512_add_epi32(q_lo, lane_ids);
+  const __mmask16 carry = _mm512_cmplt_epu32_mask(lo, q_lo);
+  return Philox16{lo, _mm512_mask_add_epi32(q_hi, carry, q_hi, _mm512_set1_epi32(1)), _mm512_set1_epi32(int(model)),
+                  _mm512_set1_epi32(int(stream))};
+}
+
+__attribute__((target("avx512f"))) static inline void philox16_round(Philox16& s, __m512i k0, __m512i k1) {
+  const __m512i A = _mm512_set1_epi32(int(0xD2511F53u)), B = _mm512_set1_epi32(int(0xCD9E8D57u));
+  __m512i hi_a, lo_a, hi_b, lo_b;
+  mulhilo16(A, s.c0, hi_a, lo_a);
+  mulhilo16(B, s.c2, hi_b, lo_b);
+  s.c0 = _mm512_ternarylogic_epi32(hi_b, s.c1, k0, 0x96);  // three-way xor
+  s.c2 = _mm512_ternarylogic_epi32(hi_a, s.c3, k1, 0x96);
+  s.c1 = lo_b;
+  s.c3 = lo_a;
+}
+
+// Write the 64 words of 16 counters in entry order (entry 4q + r is word r of counter q):
+// interleave the four words, then transpose the 128-bit lanes.
+__attribute__((target("avx512f"))) static inline void philox16_store(const Philox16& s, uint32_t* dst) {
+  const __m512i t0 = _mm512_unpacklo_epi32(s.c0, s.c1), t1 = _mm512_unpackhi_epi32(s.c0, s.c1);
+  const __m512i t2 = _mm512_unpacklo_epi32(s.c2, s.c3), t3 = _mm512_unpackhi_epi32(s.c2, s.c3);
+  // u0 holds counters {0,4,8,12}, u1 {1,5,9,13}, u2 {2,6,10,14}, u3 {3,7,11,15}, 4 words each
+  const __m512i u0 = _mm512_unpacklo_epi64(t0, t2), u1 = _mm512_unpackhi_epi64(t0, t2);
+  const __m512i u2 = _mm512_unpacklo_epi64(t1, t3), u3 = _mm512_unpackhi_epi64(t1, t3);
+  const __m512i x0 = _mm512_shuffle_i32x4(u0, u1, _MM_SHUFFLE(1, 0, 1, 0));  // {0,4,1,5}
+  const __m512i x1 = _mm512_shuffle_i32x4(u2, u3, _MM_SHUFFLE(1, 0, 1, 0));  // {2,6,3,7}
+  const __m512i x2 = _mm512_shuffle_i32x4(u0, u1, _MM_SHUFFLE(3, 2, 3, 2));  // {8,12,9,13}
+  const __m512i x3 = _mm512_shuffle_i32x4(u2, u3, _MM_SHUFFLE(3, 2, 3, 2));  // {10,14,11,15}
+  _mm512_storeu_si512(dst, _mm512_shuffle_i32x4(x0, x1, _MM_SHUFFLE(2, 0, 2, 0)));       // {0,1,2,3}
+  _mm512_storeu_si512(dst + 16, _mm512_shuffle_i32x4(x0, x1, _MM_SHUFFLE(3, 1, 3, 1)));  // {4,5,6,7}
+  _mm512_storeu_si512(dst + 32, _mm512_shuffle_i32x4(x2, x3, _MM_SHUFFLE(2, 0, 2, 0)));  // {8,...,11}
+  _mm512_storeu_si512(dst + 48, _mm512_shuffle_i32x4(x2, x3, _MM_SHUFFLE(3, 1, 3, 1)));  // {12,...,15}
+}
+
+// philox_block_generic, two independent groups of 16 counters at a time (their round chains
+// overlap): the same words, bit for bit.
 __attribute__((target("avx512f"))) static void philox_block_avx512(uint64_t first, int64_t m, uint32_t model,
                                                                    uint32_t stream, uint64_t seed, uint32_t* words) {
-  constexpr int kLanes = kBlock / 4 + 16;
+  constexpr int kLanes = kBlock / 4 + 32;
   alignas(64) uint32_t interleaved[4 * kLanes];
   const uint64_t q0 = first >> 2;
   const int lanes = static_cast<int>(((first + m - 1) >> 2) - q0 + 1);
-  const __m512i A = _mm512_set1_epi32(int(0xD2511F53u)), B = _mm512_set1_epi32(int(0xCD9E8D57u));
-  const __m512i lane_ids = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  for (int l = 0; l < lanes; l += 16) {
-    const uint64_t q = q0 + uint64_t(l);  // counters q .. q+15 (their high words may differ)
-    const __m512i lo_q = _mm512_add_epi32(_mm512_set1_epi32(int(uint32_t(q))), lane_ids);
-    const __mmask16 carry = _mm512_cmplt_epu32_mask(lo_q, _mm512_set1_epi32(int(uint32_t(q))));
-    __m512i c0 = lo_q;
-    __m512i c1 = _mm512_mask_add_epi32(_mm512_set1_epi32(int(uint32_t(q >> 32))), carry,
-                                       _mm512_set1_epi32(int(uint32_t(q >> 32))), _mm512_set1_epi32(1));
-    __m512i c2 = _mm512_set1_epi32(int(model)), c3 = _mm512_set1_epi32(int(stream));
+  for (int l = 0; l < lanes; l += 32) {
+    Philox16 a = philox16_counters(q0 + uint64_t(l), model, stream);
+    Philox16 b = philox16_counters(q0 + uint64_t(l) + 16, model, stream);
     uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
     for (int r = 0; r < 10; ++r) {
-      __m512i hi_a, lo_a, hi_b, lo_b;
-      mulhilo16(A, c0, hi_a, lo_a);
-      mulhilo16(B, c2, hi_b, lo_b);
-      c0 = _mm512_xor_si512(_mm512_xor_si512(hi_b, c1), _mm512_set1_epi32(int(k0)));
-      c2 = _mm512_xor_si512(_mm512_xor_si512(hi_a, c3), _mm512_set1_epi32(int(k1)));
-      c1 = lo_b;
-      c3 = lo_a;
+      const __m512i vk0 = _mm512_set1_epi32(int(k0)), vk1 = _mm512_set1_epi32(int(k1));
+      philox16_round(a, vk0, vk1);
+      philox16_round(b, vk0, vk1);
       k0 += 0x9E3779B9u;
       k1 += 0xBB67AE85u;
     }
-    // 4x16 words -> 16 lanes x 4 words, interleaved in lane order
-    const __m512i t0 = _mm512_unpacklo_epi32(c0, c1), t1 = _mm512_unpackhi_epi32(c0, c1);
-    const __m512i t2 = _mm512_unpacklo_epi32(c2, c3), t3 = _mm512_unpackhi_epi32(c2, c3);
-    const __m512i u0 = _mm512_unpacklo_epi64(t0, t2), u1 = _mm512_unpackhi_epi64(t0, t2);
-    const __m512i u2 = _mm512_unpacklo_epi64(t1, t3), u3 = _mm512_unpackhi_epi64(t1, t3);
-    // u0 holds lanes {0,4,8,12}, u1 {1,5,9,13}, u2 {2,6,10,14}, u3 {3,7,11,15}, one 128-bit group each
-    alignas(64) uint32_t g[4][16];
-    _mm512_store_si512(g[0], u0);
-    _mm512_store_si512(g[1], u1);
-    _mm512_store_si512(g[2], u2);
-    _mm512_store_si512(g[3], u3);
-    for (int lane = 0; lane < 16; ++lane)
-      std::memcpy(interleaved + 4 * (l + lane), &g[lane & 3][4 * (lane >> 2)], 16);
+    philox16_store(a, interleaved + 4 * l);
+    philox16_store(b, interleaved + 4 * (l + 16));
   }
   std::memcpy(words, interleaved + (first & 3), size_t(m) * sizeof(uint32_t));
 }

@@ -148,6 +148,7 @@ struct Chunking {
   int parts;
   int64_t size;
   Chunking(int64_t n_, int threads) : n(n_) {
+    if (threads <= 0) threads = omp_get_max_threads();  // OpenMP's default
     const int64_t blocks = (n + kBlock - 1) / kBlock;
     parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, blocks)));
     size = ((blocks + parts - 1) / parts) * kBlock;

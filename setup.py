@@ -16,12 +16,14 @@ from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CORE_SOURCES = sorted(glob.glob("csrc/core/*.cpp"))
+# bindings of op families beside bind_core.cpp (bind_cuda.cpp belongs to the CUDA extension)
+BIND_SOURCES = sorted(p for p in glob.glob("csrc/python/bind_*.cpp") if os.path.basename(p) not in ("bind_core.cpp", "bind_cuda.cpp"))
 CXX_FLAGS = ["-O3", "-fopenmp", "-fvisibility=hidden", "-fno-math-errno", "-ffp-contract=off", "-fwrapv"]
 
 extensions = [
     Pybind11Extension(
         "fusion_engine._C",
-        ["csrc/python/bind_core.cpp", *CORE_SOURCES],
+        ["csrc/python/bind_core.cpp", *BIND_SOURCES, *CORE_SOURCES],
         include_dirs=["csrc/core", "csrc/include"],
         cxx_std=17,
         extra_compile_args=CXX_FLAGS,

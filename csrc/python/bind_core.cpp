@@ -46,6 +46,10 @@ fe::CombineParams combine_of(int consensus, bool sign_weighted, bool divisor_wei
 
 }  // namespace
 
+// Alignment ops, bound in their own files (csrc/python/bind_<op>.cpp).
+void bind_linear_assignment(py::module_& m);
+void bind_sinkhorn(py::module_& m);
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fusion_engine CPU kernels (C++17, OpenMP, runtime-dispatched SIMD)";
   m.def("simd_level", &fe::cpu::simd_level, "SIMD clone chosen for this CPU: avx512, avx2 or baseline");
@@ -127,4 +131,6 @@ PYBIND11_MODULE(_C, m) {
     prepare_output(out, out_dtype, n);
     return fe::cpu::fisher_merge(p, threads);
   });
+  bind_linear_assignment(m);
+  bind_sinkhorn(m);
 }

@@ -1,0 +1,1 @@
+"""Alignment: permutation specs, weight/activation matching, OT fusion, ZipIt (issue 3)."""

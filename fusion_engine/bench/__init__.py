@@ -1,0 +1,1 @@
+"""Evaluation on real data (scikit-learn digits): shared models, the FusionBench-style table (issue 5)."""

@@ -1,0 +1,1 @@
+"""Data-aware fusion: Fisher estimation, RegMean, AdaMerging (issue 5)."""

@@ -1,0 +1,61 @@
+"""A checkpoint merge, planned: what every output tensor is made of, before any tensor is read.
+
+The config layer (:mod:`fusion_engine.config`) turns a mergekit YAML into a :class:`MergePlan`
+after validating it against the checkpoints' headers; the executor (:mod:`fusion_engine.executor`)
+streams the plan: read the inputs of one task, ``fusion_engine.merge_tensors(...)``, write, next.
+Nothing in a plan holds tensor data, so a plan for a 70B merge is a few MB.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """One input tensor: ``name`` inside the checkpoint the config calls ``model``."""
+
+    model: str
+    name: str
+
+
+@dataclass
+class TensorTask:
+    """One output tensor.
+
+    ``inputs`` are in the config's model order; ``base_index`` points into them (None: no base).
+    ``parameters`` are the method's parameters after resolving every config level and gradient for
+    this tensor: per-input ones as lists aligned with ``inputs``, global ones as scalars. They are
+    passed unchanged to :func:`fusion_engine.merge_tensors`. ``method == "passthrough"`` with one
+    input copies it (frankenmerge slices).
+    """
+
+    out_name: str
+    method: str
+    inputs: list[TensorRef]
+    base_index: int | None
+    parameters: dict[str, Any]
+    shape: tuple[int, ...]
+    dtype: torch.dtype | None = None
+    out_dtype: torch.dtype | None = None
+
+    @property
+    def out_numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class MergePlan:
+    """Everything the executor needs: the models, the tasks in output order, the side files."""
+
+    models: dict[str, str]  # model key as written in the config -> local checkpoint directory or file
+    tasks: list[TensorTask]
+    config_json: dict[str, Any] | None = None  # config.json of the output (e.g. num_hidden_layers after slices)
+    extra_files: dict[str, str] = field(default_factory=dict)  # output file name -> source path (tokenizer, ...)
+    default_out_dtype: torch.dtype | None = None

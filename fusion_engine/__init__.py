@@ -1,7 +1,8 @@
 """fusion_engine: a model-merging engine whose hot paths are compiled kernels."""
 
-from . import ops
+from . import methods, ops
 from ._dispatch import BackendStatus, backends
+from .methods import merge_state_dicts, merge_tensors
 from .errors import (
     BackendUnavailableError,
     CheckpointError,
@@ -19,5 +20,5 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendStatus", "BackendUnavailableError", "CheckpointError", "ConfigError", "DTypeMismatchError",
     "DeviceMismatchError", "FusionEngineError", "MissingTensorError", "NonFiniteError",
-    "ShapeMismatchError", "backends", "ops", "__version__",
+    "ShapeMismatchError", "backends", "merge_state_dicts", "merge_tensors", "methods", "ops", "__version__",
 ]

@@ -1,25 +1,46 @@
 """The ``fusion-engine`` command.
 
-    fusion-engine demo        merge three small seeded models with every op, on every usable
-                              backend, check each against the torch reference, print the times
-    fusion-engine backends    which backends can run here, and why not
+    fusion-engine merge CONFIG OUT_DIR   merge checkpoints as a mergekit YAML config says
+    fusion-engine demo                   build tiny seeded Llama checkpoints, merge them with `merge`,
+                                         load the result with transformers and generate a few tokens
+    fusion-engine selftest               merge small seeded MLPs with every op on every usable backend
+                                         and check each against the torch reference
+    fusion-engine backends               which backends can run here, and why not
+    fusion-engine evaluate               the merge-method table on scikit-learn's digits; writes
+                                         eval/results.md and eval/barrier.png
 
-Exit codes: 0 ok, 2 bad arguments, 1 any other failure.
+Exit codes: 0 ok; 2 bad arguments or bad input (config, checkpoints, shapes, missing tensors,
+existing output folder), with the message on stderr; 1 any other failure.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 import torch
 
 from . import __version__, backends, ops
-from .errors import FusionEngineError
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DTypeMismatchError,
+    FusionEngineError,
+    MissingTensorError,
+    NonFiniteError,
+    ShapeMismatchError,
+)
+
+USER_INPUT_ERRORS = (ConfigError, ShapeMismatchError, MissingTensorError, CheckpointError, DTypeMismatchError,
+                     NonFiniteError)
 
 
-def _demo_models(K: int, seed: int = 0) -> tuple[dict, list[dict]]:
+# --------------------------------------------------------------------------- selftest (ops x backends)
+
+
+def _selftest_models(K: int, seed: int = 0) -> tuple[dict, list[dict]]:
     """A seeded pre-trained MLP state dict and K fine-tuned variants (small random task vectors)."""
     g = torch.Generator().manual_seed(seed)
     shapes = {"0.weight": (256, 64), "0.bias": (256,), "2.weight": (256, 256), "2.bias": (256,),
@@ -30,7 +51,7 @@ def _demo_models(K: int, seed: int = 0) -> tuple[dict, list[dict]]:
     return {name: w.to(torch.bfloat16) for name, w in base.items()}, finetuned
 
 
-def _methods(base, finetuned, name):
+def _selftest_ops(base, finetuned, name):
     xs = [m[name] for m in finetuned]
     b = base[name]
     weights = [1.0 / len(xs)] * len(xs)
@@ -44,20 +65,21 @@ def _methods(base, finetuned, name):
     }
 
 
-def demo(K: int = 3) -> int:
+def selftest(K: int = 3) -> int:
+    """Merge K seeded bf16 MLPs with every op on every usable backend; compare with the torch reference."""
     usable = [name for name, status in backends().items() if status.usable and name != "cuda"]
     usable = [name for name in usable if name != "triton" or torch.cuda.is_available()]
     print(f"fusion_engine {__version__}: merging {K} fine-tuned bf16 MLPs into their base; backends: {', '.join(usable)}")
-    base, finetuned = _demo_models(K)
+    base, finetuned = _selftest_models(K)
     worst = 0.0
-    for method in _methods(base, finetuned, "0.weight"):
+    for method in _selftest_ops(base, finetuned, "0.weight"):
         line = [f"  {method:16s}"]
         for backend in usable:
-            _methods(base, finetuned, "0.weight")[method](backend)  # warm-up: thread pool, page faults
+            _selftest_ops(base, finetuned, "0.weight")[method](backend)  # warm-up: thread pool, page faults
             start = time.perf_counter()
-            merged = {name: _methods(base, finetuned, name)[method](backend) for name in base}
+            merged = {name: _selftest_ops(base, finetuned, name)[method](backend) for name in base}
             elapsed = time.perf_counter() - start
-            reference = {name: _methods(base, finetuned, name)[method]("torch") for name in base}
+            reference = {name: _selftest_ops(base, finetuned, name)[method]("torch") for name in base}
             diff = max(float((merged[n].float() - reference[n].float()).abs().max()) for n in base)
             worst = max(worst, diff)
             line.append(f"{backend}: {elapsed * 1e3:6.2f} ms (max |Δ| vs torch {diff:.1e})")
@@ -68,27 +90,146 @@ def demo(K: int = 3) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="fusion-engine", description="Fast, exact model merging.")
+# --------------------------------------------------------------------------- merge
+
+
+def _check_device(device: str) -> str:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"--device {device!r} is not a device; use cpu or cuda (cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA GPU is usable here; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device}: only cpu and cuda are supported")
+    return device
+
+
+def merge(config_path: str, out_dir: str, *, device: str = "cpu", out_shard_size: str | int = "5GB",
+          dry_run: bool = False, allow_overwrite: bool = False, quiet: bool = False) -> int:
+    """``fusion-engine merge``: parse, validate and plan (headers only), then stream the merge.
+
+    Everything that can be checked without reading tensor data is checked first: the config, the
+    models' paths and headers, every needed tensor and its shape, the method's parameters, the
+    output folder and the device. ``dry_run`` stops after printing the plan.
+    """
+    from .config import load_config
+    from .config_plan import build_plan, plan_summary
+    from .io.atomic import check_output_dir
+    from .io.writer import parse_size
+
+    device = _check_device(device)
+    shard_bytes = parse_size(out_shard_size)
+    config = load_config(config_path)
+    if not dry_run:
+        check_output_dir(out_dir, allow_overwrite)
+    start = time.perf_counter()
+    plan = build_plan(config, config_path)
+    # under torchrun every rank plans (cheap, headers only); only rank 0 talks
+    speaks = int(os.environ.get("RANK", "0")) == 0
+    if speaks and (dry_run or not quiet):
+        print(f"plan for {config_path} ({time.perf_counter() - start:.2f} s, no tensor read):")
+        print(plan_summary(plan, config))
+    if dry_run:
+        print("dry run: nothing written")
+        return 0
+    from .executor import run_plan
+
+    summary = run_plan(plan, out_dir, device=device, out_shard_size=shard_bytes, allow_overwrite=allow_overwrite,
+                       quiet=quiet)
+    if speaks and not quiet:
+        seconds = summary.get("seconds", time.perf_counter() - start)
+        print(f"wrote {summary.get('out_dir', os.path.abspath(out_dir))}: {summary.get('tensors', len(plan.tasks))} "
+              f"tensors, {summary.get('bytes_written', 0) / 2**20:.1f} MiB in {seconds:.2f} s on {device}")
+    return 0
+
+
+# --------------------------------------------------------------------------- argument parsing
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fusion-engine", description="Fast, exact model merging.",
+                                     epilog="Exit codes: 0 ok, 2 bad arguments or input, 1 other failure.")
     parser.add_argument("--version", action="version", version=__version__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_demo = sub.add_parser("demo", help="merge small seeded models with every op and backend")
-    p_demo.add_argument("--models", type=int, default=3, help="number of fine-tuned models (default 3)")
-    sub.add_parser("backends", help="show which backends can run here")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p_merge = sub.add_parser("merge", help="merge checkpoints as a mergekit YAML config says",
+                             description="Merge local checkpoints as a mergekit YAML config says (merge_method, "
+                                         "models or slices, base_model, parameters with gradients and filters, "
+                                         "dtype, out_dtype, tokenizer_source). The whole config is validated "
+                                         "against the checkpoints' headers before any tensor is read; the output "
+                                         "folder appears only when complete.")
+    p_merge.add_argument("config", metavar="CONFIG", help="mergekit YAML file")
+    p_merge.add_argument("out_dir", metavar="OUT_DIR", help="output folder (must not exist unless --allow-overwrite)")
+    p_merge.add_argument("--device", default="cpu", help="where tensors are merged: cpu (default), cuda or cuda:N")
+    p_merge.add_argument("--out-shard-size", default="5GB",
+                         help="largest output shard, e.g. 5GB (default), 500MB, 2GiB or bytes")
+    p_merge.add_argument("--dry-run", action="store_true",
+                         help="validate and print the plan (tensors, bytes, method per group); write nothing")
+    p_merge.add_argument("--allow-overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p_merge.add_argument("--quiet", "-q", action="store_true", help="no plan summary, no progress bar")
+
+    p_demo = sub.add_parser("demo", help="merge tiny seeded Llama checkpoints end to end and generate",
+                            description="Build a tiny seeded Llama and three fine-tuned variants (a few MB), "
+                                        "write a mergekit YAML for them, merge it with `fusion-engine merge`, "
+                                        "load the result with transformers and generate a few tokens.")
+    p_demo.add_argument("--workdir", default=None,
+                        help="keep the checkpoints, config and merged model here (default: a temporary folder)")
+    p_demo.add_argument("--device", default="cpu", help="where tensors are merged (cpu or cuda)")
+    p_demo.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
+
+    p_self = sub.add_parser("selftest", help="run every op on every usable backend against the torch reference",
+                            description="Merge small seeded bf16 MLPs with every op on every usable backend, "
+                                        "check each against the torch reference, print the times.")
+    p_self.add_argument("--models", type=int, default=3, help="number of fine-tuned models (default 3)")
+
+    sub.add_parser("backends", help="show which backends can run here", description="Show which backends "
+                   "(triton, cuda, cpp, torch) can run here, and why not.")
+
+    p_eval = sub.add_parser("evaluate", help="the merge-method table on scikit-learn's digits",
+                            description="Pre-train an MLP on scikit-learn's digits, fine-tune it per task, merge "
+                                        "with every method (average, task arithmetic, TIES, DARE, Fisher, RegMean, "
+                                        "AdaMerging, ensemble) and align two independent models (weight matching, "
+                                        "OT fusion, loss barrier). Prints the tables, writes OUT/results.md and "
+                                        "OUT/barrier.png. Needs scikit-learn and matplotlib.")
+    p_eval.add_argument("--out", default="eval", help="output folder (default: eval)")
+    p_eval.add_argument("--seed", type=int, default=0, help="seed of the data split, training and merges")
+    p_eval.add_argument("--no-alignment", action="store_true", help="skip the two-model alignment part")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     try:
+        if args.command == "merge":
+            return merge(args.config, args.out_dir, device=args.device, out_shard_size=args.out_shard_size,
+                         dry_run=args.dry_run, allow_overwrite=args.allow_overwrite, quiet=args.quiet)
         if args.command == "demo":
+            from .demo import run_demo
+
+            return run_demo(args.workdir, device=_check_device(args.device), quiet=args.quiet)
+        if args.command == "selftest":
             if args.models < 1:
                 parser.error("--models must be >= 1")
-            return demo(args.models)
+            return selftest(args.models)
+        if args.command == "evaluate":
+            from .bench.evaluate import main as evaluate_main
+
+            return evaluate_main(["--out", args.out, "--seed", str(args.seed)]
+                                 + (["--no-alignment"] if args.no_alignment else []))
         for name, status in backends().items():
             print(f"{name:8s} {status!r}")
         return 0
-    except FusionEngineError as exc:
+    except USER_INPUT_ERRORS as exc:
         print(f"fusion-engine: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("fusion-engine: interrupted", file=sys.stderr)
+        return 1
     except Exception as exc:  # noqa: BLE001 - the CLI reports, it does not trace back
-        print(f"fusion-engine: failed: {exc}", file=sys.stderr)
+        kind = "" if isinstance(exc, FusionEngineError) else f"{type(exc).__name__}: "
+        print(f"fusion-engine: failed: {kind}{exc}", file=sys.stderr)
         return 1
 
 

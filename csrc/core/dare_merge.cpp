@@ -222,6 +222,16 @@ bool dare_merge(const DareParams& p, int threads) {
   if (p.n == 0) return false;
   return with_dtype(p.dtype, [&](auto tag) { return dare_impl<typename decltype(tag)::type>(p, threads); });
 }
+
+void philox_words(uint32_t* out, int64_t n, uint64_t offset, uint32_t model, uint32_t stream, uint64_t seed,
+                  int threads) {
+  if (n <= 0) return;
+  const Chunking ch(n, threads);
+#pragma omp parallel for num_threads(ch.parts) schedule(static, 1)
+  for (int part = 0; part < ch.parts; ++part)
+    for (int64_t b = ch.begin(part); b < ch.end(part); b += kBlock)
+      philox_block(offset + uint64_t(b), std::min<int64_t>(kBlock, ch.end(part) - b), model, stream, seed, out + b);
+}
 }  // namespace cpu
 
 }  // namespace fe

@@ -12,6 +12,11 @@ bool ties_merge(const TiesParams& p, int threads);
 bool dare_merge(const DareParams& p, int threads);
 bool fisher_merge(const FisherParams& p, int threads);
 
+// The Philox words of entries offset .. offset+n-1 of (seed, stream, model): the random numbers of
+// every mask, for methods that compare them with per-entry probabilities (DELLA).
+void philox_words(uint32_t* out, int64_t n, uint64_t offset, uint32_t model, uint32_t stream, uint64_t seed,
+                  int threads);
+
 // Which SIMD clone the CPU runs: "avx512", "avx2" or "baseline".
 const char* simd_level();
 

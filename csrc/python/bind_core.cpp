@@ -131,6 +131,12 @@ PYBIND11_MODULE(_C, m) {
     prepare_output(out, out_dtype, n);
     return fe::cpu::fisher_merge(p, threads);
   });
+
+  m.def("philox_words", [](uintptr_t out, int64_t n, uint64_t offset, uint32_t model, uint32_t stream,
+                           uint64_t seed, int threads) {
+    py::gil_scoped_release release;
+    fe::cpu::philox_words(reinterpret_cast<uint32_t*>(out), n, offset, model, stream, seed, threads);
+  });
   bind_linear_assignment(m);
   bind_sinkhorn(m);
 }

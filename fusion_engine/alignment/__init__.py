@@ -1,1 +1,35 @@
-"""Alignment: permutation specs, weight/activation matching, OT fusion, ZipIt (issue 3)."""
+"""Alignment: permutation specs, weight/activation matching, OT fusion, ZipIt (issue 3).
+
+Networks with permuted hidden units compute the same function; aligning two networks' units before
+averaging removes most of the loss barrier between them.
+
+* :class:`PermutationSpec` and its builders say which parameter axes each permutation acts on;
+  :func:`apply_permutation` relabels a state dict.
+* :func:`weight_matching` (Git Re-Basin) and :func:`activation_matching` find permutations.
+* :func:`ot_fusion` (OTFusion) fuses layer-wise with optimal transport, hard or soft.
+* :func:`zipit` merges features within and across models, fully or up to a chosen layer.
+* :func:`align_and_merge` aligns B to A and interpolates, in one call.
+"""
+
+from .activation_matching import UnitStatistics, activation_matching, unit_statistics
+from .builders import (
+    infer_permutation_spec,
+    mlp_permutation_spec,
+    resnet_permutation_spec,
+    sequential_permutation_spec,
+    transformer_permutation_spec,
+    vgg_permutation_spec,
+)
+from .merge import align_and_merge, interpolate, reset_batchnorm
+from .ot_fusion import ot_fusion
+from .spec import AxisSlot, PermutationSpec, apply_permutation
+from .weight_matching import weight_matching
+from .zipit import PartialZip, greedy_feature_matching, merge_unmerge, zipit
+
+__all__ = [
+    "AxisSlot", "PartialZip", "PermutationSpec", "UnitStatistics", "activation_matching", "align_and_merge",
+    "apply_permutation", "greedy_feature_matching", "infer_permutation_spec", "interpolate", "merge_unmerge",
+    "mlp_permutation_spec", "ot_fusion", "reset_batchnorm", "resnet_permutation_spec",
+    "sequential_permutation_spec", "transformer_permutation_spec", "unit_statistics", "vgg_permutation_spec",
+    "weight_matching", "zipit",
+]

@@ -60,3 +60,29 @@ def fisher_merge(tensors, fishers, weights, *, eps, out_dtype):
     bad = _C.fisher_merge(out.data_ptr(), code(out_dtype), ptrs(tensors), ptrs(fishers), code(tensors[0].dtype),
                           code(fishers[0].dtype), out.numel(), list(weights), eps, _threads())
     return out, bad
+
+
+def sinkhorn(cost, a, b, f, g, *, reg, max_iter, tol, check_every, with_plan):
+    """Log-domain Sinkhorn (see fusion_engine.ops.sinkhorn.sinkhorn_reference for the contract)."""
+    B, n, m = cost.shape
+    f, g = f.clone(), g.clone()  # starting potentials in, results out: the caller's stay untouched
+    plan = torch.empty(B, n, m, dtype=cost.dtype) if with_plan else None
+    n_iter = torch.zeros(B, dtype=torch.int64)
+    err = torch.zeros(B, dtype=cost.dtype)
+    _C.sinkhorn(cost.data_ptr(), a.data_ptr(), b.data_ptr(), f.data_ptr(), g.data_ptr(),
+                plan.data_ptr() if plan is not None else 0, n_iter.data_ptr(), err.data_ptr(), B, n, m,
+                code(cost.dtype), float(reg), float(tol), int(max_iter), int(check_every), _threads())
+    return plan, f, g, n_iter, err
+
+
+def linear_assignment(cost, *, maximize):
+    """cost [B, n, m] on the CPU (any float dtype, any strides: read in place) → (row_ind, col_ind, bad)
+    as :func:`fusion_engine.ops.linear_assignment.linear_assignment_reference`; the batch is spread
+    over threads with the GIL released."""
+    batch, n, m = cost.shape
+    k = min(n, m)
+    row_ind = torch.empty((batch, k), dtype=torch.int64)
+    col_ind = torch.empty((batch, k), dtype=torch.int64)
+    bad = _C.linear_assignment(cost.data_ptr(), code(cost.dtype), batch, n, m, *cost.stride(), bool(maximize),
+                               row_ind.data_ptr(), col_ind.data_ptr(), _threads())
+    return row_ind, col_ind, bad

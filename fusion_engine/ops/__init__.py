@@ -1,12 +1,17 @@
 """Merge ops: each module holds the public function, its torch reference and its dispatch entry."""
 
+from .cost_matrix import cost_matrix
 from .dare_merge import dare_merge
 from .fisher_merge import fisher_merge
+from .linear_assignment import linear_assignment
 from .linear_merge import linear_merge
 from .magnitude_mask import magnitude_mask
 from .philox import stream_id
+from .sinkhorn import SinkhornResult, sinkhorn
 from .task_arithmetic import task_arithmetic
 from .ties_merge import ties_merge
 
-__all__ = ["dare_merge", "fisher_merge", "linear_merge", "magnitude_mask", "stream_id",
+__all__ = ["cost_matrix", "dare_merge", "fisher_merge", "linear_assignment", "linear_merge", "magnitude_mask",
+           "stream_id",
+           "SinkhornResult", "sinkhorn",
            "task_arithmetic", "ties_merge"]

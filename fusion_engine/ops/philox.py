@@ -64,7 +64,26 @@ def philox4x32(c0, c1, c2, c3, k0: int, k1: int):
 
 def random_words(n: int, *, seed: int, stream: int, model: int, offset: int = 0,
                  device: torch.device | str = "cpu") -> torch.Tensor:
-    """The uint32 random words (as int64) of entries offset … offset+n−1 of model ``model``."""
+    """The uint32 random words (as int64) of entries offset … offset+n−1 of model ``model``.
+
+    On CPU this runs the C++ kernel (``_C.philox_words``, AVX-512 where available); elsewhere, or
+    without the extension, :func:`random_words_reference`. Both give the same words.
+    """
+    if torch.device(device).type == "cpu" and n > 0:
+        try:
+            from .. import _C
+        except ImportError:
+            _C = None
+        if _C is not None:
+            words = torch.empty(n, dtype=torch.int32)
+            _C.philox_words(words.data_ptr(), n, offset, model, stream, seed, torch.get_num_threads())
+            return words.to(torch.int64) & MASK32
+    return random_words_reference(n, seed=seed, stream=stream, model=model, offset=offset, device=device)
+
+
+def random_words_reference(n: int, *, seed: int, stream: int, model: int, offset: int = 0,
+                           device: torch.device | str = "cpu") -> torch.Tensor:
+    """:func:`random_words` in plain torch (the oracle)."""
     j = torch.arange(offset, offset + n, dtype=torch.int64, device=device)
     q = j >> 2
     full = lambda v: torch.full_like(j, v)  # noqa: E731

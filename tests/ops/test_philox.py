@@ -4,7 +4,7 @@ agreement with triton.language.philox (what the triton kernels call)."""
 import pytest
 import torch
 
-from fusion_engine.ops.philox import keep_mask, keep_threshold, philox4x32, random_words
+from fusion_engine.ops.philox import keep_mask, keep_threshold, philox4x32, random_words, random_words_reference
 
 # Random123's kat_vectors for philox4x32_10: (counter, key) -> output
 KAT = [
@@ -79,3 +79,10 @@ def test_matches_triton_philox():
         got = out.cpu().to(torch.int64) & 0xFFFFFFFF
         expected = random_words(n, seed=seed, stream=stream, model=model, offset=offset)
         assert torch.equal(got, expected), (seed, offset, model, stream)
+
+
+@pytest.mark.parametrize("n,offset", [(1, 0), (7, 3), (1000, 5), (4097, 2**34 - 3), (70_001, 2**33 + 1)])
+def test_random_words_kernel_equals_reference(n, offset):
+    """The C++ word generator (AVX-512 where present) gives the torch reference's words."""
+    got = random_words(n, seed=2**40 + 7, stream=3, model=2, offset=offset)
+    assert torch.equal(got, random_words_reference(n, seed=2**40 + 7, stream=3, model=2, offset=offset))

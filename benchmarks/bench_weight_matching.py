@@ -1,0 +1,123 @@
+"""weight_matching on a ResNet-20 at 4× width: fusion_engine vs a straightforward torch + scipy implementation.
+
+The reference below is what the Git Re-Basin code does, written with torch and scipy: for each
+permutation (same seeded order), for each (weight, axis) it acts on, apply every other permutation
+to B's weight, flatten, ``A += W_a W_bᵀ``; solve with ``scipy.optimize.linear_sum_assignment``;
+stop after a sweep without improvement. Both must return the same permutations.
+
+Run:  pytest benchmarks/bench_weight_matching.py            (pytest-benchmark, side by side)
+      python benchmarks/bench_weight_matching.py [--width 4]  (one timing line per provider)
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from fusion_engine.alignment import resnet_permutation_spec, weight_matching
+from fusion_engine.alignment.models import resnet20
+from fusion_engine.alignment.weight_matching import matched_params
+
+try:
+    import pytest
+except ImportError:  # the script mode needs no pytest
+    pytest = None
+
+
+def reference_weight_matching(spec, params_a, params_b, *, max_iter=100, seed=0):
+    """Git Re-Basin's loop in torch + scipy (specs whose permutations act on whole axes, one copy)."""
+    used = matched_params(spec)
+    names = list(spec.perm_sizes)
+    perms = {p: torch.arange(n) for p, n in spec.perm_sizes.items()}
+    axes_to_perm = spec.axes_to_perm
+
+    def permuted_b(name, except_axis):
+        w = params_b[name]
+        for axis, p in enumerate(axes_to_perm[name]):
+            if axis != except_axis and p is not None:
+                w = w.index_select(axis, perms[p])
+        return w
+
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(max_iter):
+        progress = False
+        for j in torch.randperm(len(names), generator=g).tolist():
+            p = names[j]
+            n = spec.perm_sizes[p]
+            sim = torch.zeros(n, n)
+            for name, axis in spec.perm_to_axes[p]:
+                if name not in used:
+                    continue
+                w_a = params_a[name].movedim(axis, 0).reshape(n, -1)
+                w_b = permuted_b(name, axis).movedim(axis, 0).reshape(n, -1)
+                sim += w_a @ w_b.T
+            _, cols = linear_sum_assignment(sim.numpy(), maximize=True)
+            cols = torch.from_numpy(cols).long()
+            old = sim.double()[torch.arange(n), perms[p]].sum()
+            new = sim.double()[torch.arange(n), cols].sum()
+            progress = progress or bool(new > old + 1e-12)
+            perms[p] = cols
+        if not progress:
+            break
+    return perms
+
+
+def make_case(width: int = 4):
+    a, b = resnet20(width, seed=0), resnet20(width, seed=1)
+    spec = resnet_permutation_spec(a)
+    return spec, a.state_dict(), b.state_dict()
+
+
+PROVIDERS = {
+    "fusion_engine": lambda spec, sa, sb: weight_matching(spec, sa, sb, seed=0),
+    "torch+scipy reference": lambda spec, sa, sb: reference_weight_matching(spec, sa, sb, seed=0),
+}
+
+
+def time_providers(width: int = 4, repeats: int = 3) -> dict[str, float]:
+    """Best-of-``repeats`` seconds per provider; asserts both find the same permutations."""
+    spec, sa, sb = make_case(width)
+    results, times = {}, {}
+    for name, fn in PROVIDERS.items():
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            results[name] = fn(spec, sa, sb)
+            best = min(best, time.perf_counter() - t0)
+        times[name] = best
+    ours, ref = results["fusion_engine"], results["torch+scipy reference"]
+    same = all(torch.equal(ours[p], ref[p]) for p in spec.perm_sizes)
+    if not same:
+        raise AssertionError("fusion_engine and the reference found different permutations")
+    return times
+
+
+if pytest is not None:
+    @pytest.mark.parametrize("provider", list(PROVIDERS))
+    def test_weight_matching_resnet20x4(benchmark, provider):
+        spec, sa, sb = make_case(4)
+        perms = benchmark.pedantic(PROVIDERS[provider], args=(spec, sa, sb), rounds=3, iterations=1)
+        ref = reference_weight_matching(spec, sa, sb, seed=0) if provider == "fusion_engine" else perms
+        assert all(torch.equal(perms[p], ref[p]) for p in spec.perm_sizes)
+        benchmark.extra_info.update(model="resnet20x4", n_perms=len(spec.perm_sizes))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--width", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    times = time_providers(args.width, args.repeats)
+    ref = times["torch+scipy reference"]
+    print(f"weight_matching, ResNet-20 ×{args.width}, best of {args.repeats} (same permutations from both)\n")
+    print("| provider | time (ms) | speed-up vs reference |")
+    print("|---|---:|---:|")
+    for name, t in times.items():
+        print(f"| {name} | {t * 1e3:.1f} | {ref / t:.2f}× |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,476 @@
+"""mergekit's YAML merge configuration: parsed with the line of every value, checked field by field.
+
+A config is the mergekit schema (``mergekit-yaml`` reads the same files)::
+
+    merge_method: ties                 # any name in fusion_engine.methods.names()
+    base_model: ./base                 # local folder or file (no hub downloads)
+    models:                            # either models: ...
+      - model: ./math
+        parameters: {weight: 0.5, density: [0.2, 0.8]}    # a list is a gradient over the layers
+      - model: ./code
+        parameters:
+          weight:
+            - filter: mlp              # first entry whose filter is a substring of the tensor name
+              value: 0.7
+            - value: 0.3               # no filter: matches every tensor
+    slices:                            # ... or slices (frankenmerges, layer ranges per source)
+      - sources:
+          - model: ./a
+            layer_range: [0, 16]
+    parameters: {normalize: true}      # global level; a slice may have its own parameters too
+    dtype: float32                     # inputs are cast to it before merging
+    out_dtype: bfloat16                # the written tensors' dtype
+    tokenizer_source: base             # base | a model | (none: the base's tokenizer files are copied)
+
+Parameter values resolve most specific first: the model (slice source) level, then the slice level,
+then the global level; the first level that has the parameter and whose filter matches wins. A
+gradient ``[v0, ..., v(m-1)]`` evaluated at the relative layer position ``t ∈ [0, 1]`` is
+``(1 - f)·v(i) + f·v(i+1)`` with ``s = t·(m-1)``, ``i = ⌊s⌋``, ``f = s - i`` (mergekit's rule; a
+list of strings or booleans picks ``v(⌊t·(m-1)⌋)``).
+
+Every error is a :class:`~fusion_engine.errors.ConfigError` that names the file and line and says
+how to fix it: ``config.yaml line 7: density must be in [0, 1], got 1.5 (fix: ...)``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import yaml
+
+from .errors import ConfigError
+
+DTYPES = {
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
+}
+TOP_LEVEL_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
+                  "tokenizer_source", "name")
+UNSUPPORTED_KEYS = {
+    "modules": "write the merge with top-level `models:` or `slices:`",
+    "tokenizer": "use `tokenizer_source: base` (or a model path) instead of a `tokenizer:` block",
+    "chat_template": "copy the chat template into the output's tokenizer_config.json after merging",
+}
+
+Scalar = bool | int | float | str
+
+
+@dataclass
+class Conditional:
+    """One entry of a filtered parameter: ``value`` applies to tensors whose name contains ``filter``."""
+
+    value: Scalar | list[Scalar]
+    filter: str | None
+    line: int
+
+
+@dataclass
+class Setting:
+    """A parameter as written at one level: a scalar, a gradient, or a list of filtered entries."""
+
+    name: str
+    value: Scalar | list[Scalar] | list[Conditional]
+    line: int
+
+    @property
+    def is_gradient(self) -> bool:
+        return isinstance(self.value, list) and not any(isinstance(v, Conditional) for v in self.value)
+
+
+@dataclass
+class SliceSource:
+    """One input of an output slice: layers ``layer_range[0] .. layer_range[1]-1`` of ``model``.
+
+    A ``models:`` entry is a source whose layer range is the whole model (``layer_range`` None).
+    """
+
+    model: str
+    layer_range: tuple[int, int] | None
+    parameters: dict[str, Setting]
+    line: int
+
+
+@dataclass
+class OutputSlice:
+    sources: list[SliceSource]
+    base_model: str | None
+    parameters: dict[str, Setting]
+    line: int
+
+
+@dataclass
+class MergeConfig:
+    """A parsed config. ``models`` xor ``slices`` is set; ``lines`` maps top-level keys to their line."""
+
+    merge_method: str
+    base_model: str | None
+    models: list[SliceSource] | None
+    slices: list[OutputSlice] | None
+    parameters: dict[str, Setting]
+    dtype: torch.dtype | None
+    out_dtype: torch.dtype | None
+    tokenizer_source: str | None
+    filename: str = "config.yaml"
+    base_dir: str = "."
+    path: str | None = None  # the file it was read from (copied to the output as mergekit_config.yml)
+    text: str = ""
+    lines: dict[str, int] = field(default_factory=dict)
+
+    def error(self, line: int | None, problem: str, fix: str | None = None) -> ConfigError:
+        """A ConfigError quoting this file and line: ``config.yaml line N: problem (fix: ...)``."""
+        return ConfigError(located(self.filename, line, problem, fix))
+
+    def line_of(self, key: str) -> int | None:
+        return self.lines.get(key)
+
+    def referenced_models(self) -> list[str]:
+        """Every model the config names, in order of first appearance, the base first."""
+        seen: list[str] = []
+        if self.base_model:
+            seen.append(self.base_model)
+        for src in self.models or []:
+            seen.append(src.model)
+        for sl in self.slices or []:
+            if sl.base_model:
+                seen.append(sl.base_model)
+            seen.extend(src.model for src in sl.sources)
+        return list(dict.fromkeys(seen))
+
+    def model_line(self, model: str) -> int | None:
+        """The line where ``model`` is first named."""
+        if model == self.base_model:
+            return self.lines.get("base_model")
+        for src in self.models or []:
+            if src.model == model:
+                return src.line
+        for sl in self.slices or []:
+            if sl.base_model == model:
+                return sl.line
+            for src in sl.sources:
+                if src.model == model:
+                    return src.line
+        return None
+
+
+def located(filename: str, line: int | None, problem: str, fix: str | None = None) -> str:
+    where = f"{filename} line {line}" if line else filename
+    return f"{where}: {problem}" + (f" (fix: {fix})" if fix else "")
+
+
+# --------------------------------------------------------------------------- YAML nodes with lines
+
+
+class _Doc:
+    """Turns composed YAML nodes into Python values, raising ConfigErrors that carry the line."""
+
+    def __init__(self, filename: str):
+        self.filename = filename
+        self._constructor = yaml.SafeLoader("")
+
+    def error(self, node: yaml.Node | None, problem: str, fix: str | None = None) -> ConfigError:
+        return ConfigError(located(self.filename, line_of(node), problem, fix))
+
+    def value(self, node: yaml.Node) -> Any:
+        return self._constructor.construct_object(node, deep=True)
+
+    def mapping(self, node: yaml.Node, what: str, allowed: tuple[str, ...] | None = None,
+                required: tuple[str, ...] = ()) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+        """{key: (key_node, value_node)}; rejects non-mappings, duplicate, unknown and missing keys."""
+        if not isinstance(node, yaml.MappingNode):
+            raise self.error(node, f"{what} must be a mapping (key: value lines), got {describe(node)}")
+        out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+        for key_node, value_node in node.value:
+            key = self.value(key_node)
+            if not isinstance(key, str):
+                raise self.error(key_node, f"{what}: keys must be names, got {key!r}")
+            if key in out:
+                raise self.error(key_node, f"{what}: key '{key}' appears twice (first on line "
+                                           f"{line_of(out[key][0])})", "keep one of them")
+            if allowed is not None and key not in allowed:
+                if key in UNSUPPORTED_KEYS:
+                    raise self.error(key_node, f"'{key}' is not supported by fusion_engine",
+                                     UNSUPPORTED_KEYS[key])
+                raise self.error(key_node, f"unknown key '{key}' in {what}",
+                                 suggest(key, allowed, "allowed keys"))
+            out[key] = (key_node, value_node)
+        for key in required:
+            if key not in out:
+                raise self.error(node, f"{what} has no '{key}'", f"add a '{key}:' entry")
+        return out
+
+    def sequence(self, node: yaml.Node, what: str) -> list[yaml.Node]:
+        if not isinstance(node, yaml.SequenceNode):
+            raise self.error(node, f"{what} must be a list ('- ' entries), got {describe(node)}")
+        return list(node.value)
+
+    def string(self, node: yaml.Node, what: str) -> str:
+        value = self.value(node) if isinstance(node, yaml.ScalarNode) else None
+        if not isinstance(value, str) or not value.strip():
+            raise self.error(node, f"{what} must be a non-empty string, got {describe(node)}")
+        return value.strip()
+
+    def model_ref(self, node: yaml.Node, what: str) -> str:
+        if isinstance(node, yaml.MappingNode):  # mergekit's long form: {model: {path: ...}} / {path: ...}
+            entries = self.mapping(node, what)
+            if "lora" in entries:
+                raise self.error(node, f"{what}: LoRA references are not supported in a merge config",
+                                 "merge the adapter into its model first and name that folder")
+            if "model" in entries:
+                return self.model_ref(entries["model"][1], what)
+            if "path" in entries:
+                if "revision" in entries:
+                    raise self.error(entries["revision"][0], f"{what}: revisions need the model hub",
+                                     "download that revision and give its local folder")
+                return self.string(entries["path"][1], what)
+            raise self.error(node, f"{what} has no 'path'", "write the model as a local folder path")
+        return self.string(node, what)
+
+
+def line_of(node: yaml.Node | None) -> int | None:
+    return node.start_mark.line + 1 if node is not None and node.start_mark is not None else None
+
+
+def describe(node: yaml.Node) -> str:
+    if isinstance(node, yaml.MappingNode):
+        return "a mapping"
+    if isinstance(node, yaml.SequenceNode):
+        return "a list"
+    if node.tag == "tag:yaml.org,2002:null":
+        return "nothing"
+    return repr(node.value)
+
+
+def suggest(word: str, choices, what: str) -> str:
+    choices = list(choices)
+    close = difflib.get_close_matches(word, choices, n=1)
+    prefix = f"did you mean '{close[0]}'? " if close else ""
+    return f"{prefix}{what}: {', '.join(choices)}"
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def load_config(path: str | os.PathLike) -> MergeConfig:
+    """Read and parse a mergekit YAML file; relative model paths are relative to the current directory."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file (fix: check the path)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the config: {exc}") from None
+    config = parse_config(text, filename=os.path.basename(path) or path, base_dir=os.path.dirname(path))
+    config.path = os.path.abspath(path)
+    return config
+
+
+def parse_config(text: str, filename: str = "config.yaml", base_dir: str = ".") -> MergeConfig:
+    """Parse mergekit YAML text into a :class:`MergeConfig`, checking every field's type and form.
+
+    Checks that need the checkpoints (paths exist, shapes agree, the method's parameter ranges)
+    happen in :func:`fusion_engine.config_plan.build_plan`, still before any tensor is read.
+    """
+    doc = _Doc(filename)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else None
+        raise ConfigError(located(filename, line, f"not valid YAML: {exc.problem or exc}",
+                                  "check the indentation and the ':' after each key")) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(located(filename, None, f"not valid YAML: {exc}")) from None
+    if root is None:
+        raise ConfigError(located(filename, None, "the config is empty",
+                                  "write at least merge_method and models (see mergekit's examples)"))
+    top = doc.mapping(root, "the config", TOP_LEVEL_KEYS, required=("merge_method",))
+    lines = {key: line_of(key_node) for key, (key_node, _) in top.items()}
+
+    method = doc.string(top["merge_method"][1], "merge_method")
+    base_model = doc.model_ref(top["base_model"][1], "base_model") if "base_model" in top else None
+
+    has_models, has_slices = "models" in top, "slices" in top
+    if has_models == has_slices:
+        raise doc.error(root if not has_models else top["slices"][0],
+                        "the config needs exactly one of 'models' and 'slices'",
+                        "list whole models under 'models:' or layer ranges under 'slices:', not both"
+                        if has_models else "add a 'models:' list")
+    models = slices = None
+    if has_models:
+        models = [_model_entry(doc, n) for n in doc.sequence(top["models"][1], "models")]
+        if not models:
+            raise doc.error(top["models"][1], "'models' is empty", "list at least one model")
+    else:
+        slices = [_output_slice(doc, n) for n in doc.sequence(top["slices"][1], "slices")]
+        if not slices:
+            raise doc.error(top["slices"][1], "'slices' is empty", "list at least one slice")
+
+    parameters = _parameters(doc, top["parameters"][1]) if "parameters" in top else {}
+    dtype = _dtype(doc, top["dtype"][1], "dtype") if "dtype" in top else None
+    out_dtype = _dtype(doc, top["out_dtype"][1], "out_dtype") if "out_dtype" in top else None
+    tokenizer_source = None
+    if "tokenizer_source" in top:
+        tokenizer_source = doc.model_ref(top["tokenizer_source"][1], "tokenizer_source")
+        if tokenizer_source == "union":
+            raise doc.error(top["tokenizer_source"][1], "tokenizer_source: union (a merged vocabulary) is not "
+                            "supported", "use tokenizer_source: base, or a model whose tokenizer all models share")
+    return MergeConfig(merge_method=method, base_model=base_model, models=models, slices=slices,
+                       parameters=parameters, dtype=dtype, out_dtype=out_dtype, tokenizer_source=tokenizer_source,
+                       filename=filename, base_dir=base_dir, text=text, lines=lines)
+
+
+def _model_entry(doc: _Doc, node: yaml.Node) -> SliceSource:
+    if isinstance(node, yaml.ScalarNode):  # "- ./model" shorthand
+        return SliceSource(doc.model_ref(node, "model"), None, {}, line_of(node))
+    entries = doc.mapping(node, "a models entry", ("model", "parameters"), required=("model",))
+    params = _parameters(doc, entries["parameters"][1]) if "parameters" in entries else {}
+    return SliceSource(doc.model_ref(entries["model"][1], "model"), None, params, line_of(node))
+
+
+def _output_slice(doc: _Doc, node: yaml.Node) -> OutputSlice:
+    entries = doc.mapping(node, "a slices entry", ("sources", "base_model", "parameters", "residual_weight"),
+                          required=("sources",))
+    if "residual_weight" in entries:
+        raise doc.error(entries["residual_weight"][0], "residual_weight is not supported (mergekit ignores it too)",
+                        "remove it")
+    sources = []
+    for src in doc.sequence(entries["sources"][1], "sources"):
+        e = doc.mapping(src, "a slice source", ("model", "layer_range", "parameters"), required=("model", "layer_range"))
+        sources.append(SliceSource(doc.model_ref(e["model"][1], "model"), _layer_range(doc, e["layer_range"][1]),
+                                   _parameters(doc, e["parameters"][1]) if "parameters" in e else {}, line_of(src)))
+    if not sources:
+        raise doc.error(entries["sources"][1], "a slice has no sources", "list at least one source model")
+    lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}
+    if len(lengths) > 1:
+        raise doc.error(node, f"the sources of a slice cover different numbers of layers ({sorted(lengths)})",
+                        "give every source of one slice a layer_range of the same length")
+    base = doc.model_ref(entries["base_model"][1], "base_model") if "base_model" in entries else None
+    params = _parameters(doc, entries["parameters"][1]) if "parameters" in entries else {}
+    return OutputSlice(sources, base, params, line_of(node))
+
+
+def _layer_range(doc: _Doc, node: yaml.Node) -> tuple[int, int]:
+    value = doc.value(node)
+    if (not isinstance(value, list) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise doc.error(node, f"layer_range must be two integers [start, end), got {value!r}",
+                        "write e.g. layer_range: [0, 16]")
+    start, end = value
+    if start < 0 or end <= start:
+        raise doc.error(node, f"layer_range [{start}, {end}] is empty or negative",
+                        "use 0 <= start < end; the end layer is excluded")
+    return start, end
+
+
+def _dtype(doc: _Doc, node: yaml.Node, what: str) -> torch.dtype:
+    name = doc.string(node, what)
+    key = name.removeprefix("torch.")
+    if key not in DTYPES:
+        raise doc.error(node, f"{what} '{name}' is not a floating dtype", suggest(key, ["float16", "bfloat16",
+                        "float32", "float64"], "use one of"))
+    return DTYPES[key]
+
+
+def _parameters(doc: _Doc, node: yaml.Node) -> dict[str, Setting]:
+    if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
+        return {}
+    out = {}
+    for name, (key_node, value_node) in doc.mapping(node, "parameters").items():
+        out[name] = Setting(name, _setting_value(doc, value_node, name), line_of(key_node))
+    return out
+
+
+def _scalar_or_gradient(doc: _Doc, node: yaml.Node, name: str) -> Scalar | list[Scalar]:
+    if isinstance(node, yaml.ScalarNode):
+        value = doc.value(node)
+        if value is None:
+            raise doc.error(node, f"parameter '{name}' has no value", f"write e.g. {name}: 0.5, or remove it")
+        if not isinstance(value, (bool, int, float, str)):
+            raise doc.error(node, f"parameter '{name}' must be a number, boolean or string, got {value!r}")
+        return value
+    if isinstance(node, yaml.SequenceNode):
+        values = [_scalar_or_gradient(doc, n, name) for n in node.value]
+        if not values:
+            raise doc.error(node, f"parameter '{name}' is an empty list", "give a value or a gradient of >= 1 values")
+        if any(isinstance(v, list) for v in values):
+            raise doc.error(node, f"parameter '{name}': a gradient is a flat list of values",
+                            "write e.g. [0.2, 0.5, 0.8]")
+        return values
+    raise doc.error(node, f"parameter '{name}' must be a value, a gradient list or filter entries, "
+                          f"got {describe(node)}", f"write e.g. {name}: 0.5")
+
+
+def _setting_value(doc: _Doc, node: yaml.Node, name: str):
+    def is_conditional(n: yaml.Node) -> bool:
+        return isinstance(n, yaml.MappingNode)
+
+    if isinstance(node, yaml.MappingNode):
+        return [_conditional(doc, node, name)]
+    if isinstance(node, yaml.SequenceNode) and any(is_conditional(n) for n in node.value):
+        if not all(is_conditional(n) for n in node.value):
+            raise doc.error(node, f"parameter '{name}' mixes filter entries and plain values",
+                            "make every entry a mapping with 'value:' (and 'filter:' except for the default)")
+        return [_conditional(doc, n, name) for n in node.value]
+    return _scalar_or_gradient(doc, node, name)
+
+
+def _conditional(doc: _Doc, node: yaml.Node, name: str) -> Conditional:
+    entries = doc.mapping(node, f"a filter entry of '{name}'", ("filter", "value"), required=("value",))
+    flt = None
+    if "filter" in entries:
+        flt = doc.value(entries["filter"][1])
+        if not isinstance(flt, str) or not flt:
+            raise doc.error(entries["filter"][1], f"the filter of '{name}' must be a non-empty string "
+                            "(a part of the tensor name)", "write e.g. filter: self_attn")
+    return Conditional(_scalar_or_gradient(doc, entries["value"][1], name), flt, line_of(node))
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def matches(flt: str | None, tensor_name: str) -> bool:
+    """mergekit's filter rule: no filter or ``*`` matches all; otherwise a substring of the name."""
+    return flt is None or flt == "*" or (bool(tensor_name) and flt in tensor_name)
+
+
+def interpolate(values: list[Scalar], t: float) -> Scalar:
+    """A gradient at relative layer position ``t``: linear between neighbouring numbers, else a pick."""
+    if len(values) == 1:
+        return values[0]
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    scaled = t * (len(values) - 1)
+    i0 = int(scaled)
+    if not numeric:
+        return values[i0]
+    i1 = min(len(values) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * values[i0] + frac * values[i1]
+
+
+def evaluate(setting: Setting, tensor_name: str, t: float) -> tuple[bool, Any, int]:
+    """``(found, value, line)`` of one level's setting for a tensor at layer position ``t``."""
+    value = setting.value
+    if isinstance(value, list) and value and isinstance(value[0], Conditional):
+        for cond in value:
+            if matches(cond.filter, tensor_name):
+                v = cond.value
+                return True, interpolate(v, t) if isinstance(v, list) else v, cond.line
+        return False, None, setting.line
+    return True, interpolate(value, t) if isinstance(value, list) else value, setting.line
+
+
+def resolve(name: str, levels: list[dict[str, Setting]], tensor_name: str, t: float) -> tuple[bool, Any, int | None]:
+    """The first level (most specific first) that sets ``name`` for this tensor: ``(found, value, line)``."""
+    for level in levels:
+        if level and name in level:
+            found, value, line = evaluate(level[name], tensor_name, t)
+            if found:
+                return True, value, line
+    return False, None, None

@@ -1,0 +1,519 @@
+"""A parsed merge config + the checkpoints' headers → a validated :class:`~fusion_engine.plan.MergePlan`.
+
+Everything a merge can get wrong is found here, before any tensor is read: models that are not
+local, unreadable or truncated headers, architectures or layer counts that disagree, tensors
+missing from a model, shapes that differ, unknown methods, and parameters that are missing or
+out of range for some tensor. Errors quote the config's file and line.
+
+Layout, as mergekit plans it:
+
+* A tensor whose name matches ``<prefix>.layers.<i>.<suffix>`` (also ``.h.``, ``.blocks.``,
+  ``.layer.``, ``.block.``) belongs to layer ``i``; the others are *pre* tensors (embeddings,
+  written first) or *post* tensors (final norm, ``lm_head``, written last).
+* ``models:`` is one slice covering every layer of every model; a ``base_model`` that is not
+  among them is appended as the last input.
+* ``slices:`` concatenate layer ranges: output layer ``j`` of a slice is layer ``start + j`` of each
+  source; output layers are numbered on across slices. Pre tensors come from the first slice's
+  sources, post tensors from the last slice's.
+* The gradient position of layer ``j`` of an ``n``-layer slice is ``t = j / (n - 1)`` (1 when
+  ``n = 1``); pre and post tensors use ``t = 0``.
+* Parameters: a per-input parameter (``weight``, ``density``, ...) resolves, for each input, from
+  that source's ``parameters`` > the slice's > the global ones, filters matched against the input's
+  tensor name; a shared parameter (``t``, ``normalize``, ``lambda``, ...) from the slice's > the
+  global ones, matched against the output name. Per-input parameters that do not apply to the base
+  (``non_base`` scope) are ``None`` in the base's slot.
+* A model without ``lm_head.weight`` whose config ties it to the input embedding contributes its
+  embedding matrix instead (tied embeddings).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import methods as _methods
+from .config import MergeConfig, SliceSource, located, resolve, suggest
+from .errors import CheckpointError, ConfigError, FusionEngineError, MissingTensorError, ShapeMismatchError
+from .io import Checkpoint, open_checkpoint
+from .plan import MergePlan, TensorRef, TensorTask
+
+LAYER_RE = re.compile(r"^(?P<prefix>(?:.*?\.)?(?:layers|h|blocks|layer|block)\.)(?P<index>\d+)\.(?P<suffix>.+)$")
+PRE_HINTS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings")
+INPUT_EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight", "model.decoder.embed_tokens.weight",
+                    "gpt_neox.embed_in.weight", "transformer.word_embeddings.weight")
+NUM_LAYERS_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
+                   "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+
+
+# --------------------------------------------------------------------------- checkpoint layout
+
+
+@dataclass
+class Layout:
+    """The tensors of one checkpoint, sorted into pre, per-layer and post groups."""
+
+    pre: list[str]
+    post: list[str]
+    layer_prefix: str | None  # e.g. "model.layers."
+    layers: list[list[str]]  # layer i -> its suffixes (after "<prefix><i>.") in checkpoint order
+    other_stacks: list[str] = field(default_factory=list)  # further layer prefixes (kept as pre tensors)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def layer_name(self, index: int, suffix: str) -> str:
+        return f"{self.layer_prefix}{index}.{suffix}"
+
+
+def layout_of(names: list[str], num_layers_hint: int | None = None) -> Layout:
+    """Sort tensor names into pre / layers / post. With several layer stacks, the main one is the one
+    whose depth equals ``num_layers_hint`` (the config's ``num_hidden_layers``), else the deepest."""
+    stacks: dict[str, dict[int, list[str]]] = {}
+    rest: list[str] = []
+    for name in names:
+        m = LAYER_RE.match(name)
+        if m:
+            stacks.setdefault(m["prefix"], {}).setdefault(int(m["index"]), []).append(m["suffix"])
+        else:
+            rest.append(name)
+    main = None
+    if stacks:
+        depth = {p: max(layers) + 1 for p, layers in stacks.items()}
+        by_hint = [p for p, d in depth.items() if d == num_layers_hint]
+        main = by_hint[0] if len(by_hint) == 1 else max(depth, key=lambda p: (depth[p], -list(stacks).index(p)))
+    layers: list[list[str]] = []
+    others = []
+    for prefix, by_index in stacks.items():
+        if prefix == main:
+            layers = [by_index.get(i, []) for i in range(max(by_index) + 1)]
+        else:  # a second stack (e.g. a vision tower) is merged tensor by tensor, as non-layer tensors
+            others.append(prefix)
+            rest.extend(f"{prefix}{i}.{s}" for i in sorted(by_index) for s in by_index[i])
+    pre = [n for n in rest if any(h in n for h in PRE_HINTS) or any(n.startswith(o) for o in others)]
+    post = [n for n in rest if n not in set(pre)]
+    post.sort(key=lambda n: n.endswith("lm_head.weight"))  # mergekit writes lm_head last
+    return Layout(pre, post, main, layers, others)
+
+
+def tied_source(name: str, ckpt_names: set[str]) -> str | None:
+    """For an output head missing from a checkpoint with tied embeddings, the embedding it shares."""
+    if not name.endswith("lm_head.weight"):
+        return None
+    for candidate in INPUT_EMBEDDINGS:
+        if candidate in ckpt_names:
+            return candidate
+    return None
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@dataclass
+class _Group:
+    """Inputs shared by a run of output tensors: the sources, their models, the base, the levels."""
+
+    sources: list[SliceSource]
+    base: str | None
+    slice_params: dict
+    line: int | None
+
+
+class Planner:
+    """Builds a :class:`MergePlan` from a :class:`MergeConfig`; see the module docstring for the rules."""
+
+    def __init__(self, config: MergeConfig, config_path: str | None = None):
+        self.config = config
+        self.config_path = config_path or config.path
+        self.checkpoints: dict[str, Checkpoint] = {}
+        self.paths: dict[str, str] = {}
+        self.layouts: dict[str, Layout] = {}
+        self.names: dict[str, set[str]] = {}
+        self._validated: set = set()
+
+    # ------------------------------------------------------------------ errors
+    def _where(self, line: int | None, problem: str, fix: str | None = None) -> str:
+        return located(self.config.filename, line, problem, fix)
+
+    # ------------------------------------------------------------------ models
+    def _local_path(self, model: str) -> str:
+        line = self.config.model_line(model)
+        candidates = [os.path.expanduser(model)]
+        if not os.path.isabs(candidates[0]) and self.config.base_dir not in ("", "."):
+            candidates.append(os.path.join(self.config.base_dir, candidates[0]))
+        for c in candidates:
+            if os.path.exists(c):
+                return os.path.abspath(c)
+        if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model) and not model.startswith("."):
+            raise CheckpointError(self._where(line, f"model '{model}' is not a local path and fusion-engine has no "
+                                                    "network: give a local path",
+                                              f"download it first (huggingface-cli download {model} --local-dir "
+                                              f"DIR) and write that folder"))
+        raise CheckpointError(self._where(line, f"model '{model}': no such file or directory",
+                                          "give the folder holding config.json and *.safetensors, or a weights file"))
+
+    def open_models(self) -> None:
+        for model in self.config.referenced_models():
+            path = self._local_path(model)
+            try:
+                ckpt = open_checkpoint(path)
+                cfg = ckpt.config() or {}
+                names = ckpt.names()
+                for n in names:  # headers: every tensor's shape and dtype, checked for truncation
+                    ckpt.info(n)
+            except FusionEngineError as exc:
+                raise type(exc)(self._where(self.config.model_line(model), f"model '{model}': {exc}")) from None
+            hint = next((cfg[k] for k in NUM_LAYERS_KEYS if isinstance(cfg.get(k), int)), None)
+            self.checkpoints[model], self.paths[model] = ckpt, path
+            self.names[model] = set(names)
+            self.layouts[model] = layout_of(names, hint)
+        self._check_architectures()
+
+    def _check_architectures(self) -> None:
+        models = self.config.referenced_models()
+        ref = models[0]
+        ref_cfg = self.checkpoints[ref].config() or {}
+        for model in models[1:]:
+            cfg = self.checkpoints[model].config() or {}
+            for key in ("model_type", "architectures"):
+                if key in cfg and key in ref_cfg and cfg[key] != ref_cfg[key]:
+                    raise ConfigError(self._where(self.config.model_line(model),
+                                                  f"model '{model}' has {key} {cfg[key]!r} but '{ref}' has "
+                                                  f"{ref_cfg[key]!r}; models of different architectures cannot "
+                                                  "be merged tensor by tensor",
+                                                  "merge models fine-tuned from the same base architecture"))
+
+    def close(self) -> None:
+        for ckpt in self.checkpoints.values():
+            ckpt.close()
+
+    # ------------------------------------------------------------------ groups
+    def _groups(self) -> list[tuple[_Group, list[tuple[int, int]] | None]]:
+        """(group, [(layer start, count)] per source) per output slice; models: one whole-model group."""
+        cfg = self.config
+        if cfg.models is not None:
+            sources = list(cfg.models)
+            if cfg.base_model and all(s.model != cfg.base_model for s in sources):
+                sources.append(SliceSource(cfg.base_model, None, {}, cfg.line_of("base_model")))
+            counts = {s.model: self.layouts[s.model].num_layers for s in sources}
+            if len(set(counts.values())) > 1:
+                raise ShapeMismatchError(self._where(cfg.line_of("models"),
+                                                     f"the models have different numbers of layers "
+                                                     f"({', '.join(f'{m}: {n}' for m, n in counts.items())})",
+                                                     "merge models of one size, or pick layer ranges with slices:"))
+            n = next(iter(counts.values()))
+            return [(_Group(sources, cfg.base_model, {}, cfg.line_of("models")), [(0, n)] * len(sources))]
+        groups = []
+        for sl in cfg.slices:
+            for src in sl.sources:
+                depth = self.layouts[src.model].num_layers
+                start, end = src.layer_range
+                if end > depth:
+                    raise ConfigError(self._where(src.line, f"layer_range [{start}, {end}] of '{src.model}' goes past "
+                                                            f"its last layer (it has {depth} layers)",
+                                                  f"use an end <= {depth}"))
+            groups.append((_Group(sl.sources, sl.base_model or cfg.base_model, sl.parameters, sl.line),
+                           [(s.layer_range[0], s.layer_range[1] - s.layer_range[0]) for s in sl.sources]))
+        return groups
+
+    # ------------------------------------------------------------------ plan
+    def build(self) -> MergePlan:
+        cfg = self.config
+        if cfg.merge_method not in _methods.names():
+            raise ConfigError(self._where(cfg.line_of("merge_method"), f"unknown merge_method '{cfg.merge_method}'",
+                                          suggest(cfg.merge_method, _methods.names(), "known methods")))
+        self.spec = _methods.get(cfg.merge_method)
+        self._check_parameter_names()
+        self.open_models()
+        groups = self._groups()
+        ref_model = cfg.base_model or groups[0][0].sources[0].model
+        ref = self.layouts[ref_model]
+        tasks: list[TensorTask] = []
+        first, last = groups[0][0], groups[-1][0]
+        for name in ref.pre:
+            tasks.append(self._task(name, first, [name] * len(first.sources), t=0.0))
+        out_layer = 0
+        for group, ranges in groups:
+            n = ranges[0][1]
+            for j in range(n):
+                t = j / (n - 1) if n > 1 else 1.0
+                first_src = group.sources[0]
+                src_layout = self.layouts[first_src.model]
+                if ref.layer_prefix is None or src_layout.layer_prefix is None:
+                    raise ConfigError(self._where(group.line, f"'{first_src.model}' has no numbered layers "
+                                                              "(no tensor named like model.layers.<i>.*)",
+                                                  "use models: instead of slices: for this checkpoint"))
+                suffixes = src_layout.layers[ranges[0][0] + j]
+                if not suffixes:
+                    raise MissingTensorError(self._where(first_src.line, f"model '{first_src.model}' has no tensors "
+                                                                         f"for layer {ranges[0][0] + j} "
+                                                                         f"({src_layout.layer_prefix}"
+                                                                         f"{ranges[0][0] + j}.*)",
+                                                         "check that the checkpoint is complete"))
+                for suffix in suffixes:
+                    in_names = [self.layouts[s.model].layer_name(start + j, suffix)
+                                for s, (start, _) in zip(group.sources, ranges)]
+                    tasks.append(self._task(ref.layer_name(out_layer, suffix), group, in_names, t))
+                out_layer += 1
+        post = list(ref.post)
+        for model in dict.fromkeys(s.model for s in last.sources):  # a head the reference ties but another model has
+            post += [n for n in self.layouts[model].post if n not in post and n.endswith("lm_head.weight")]
+        for name in post:
+            tasks.append(self._task(name, last, [name] * len(last.sources), t=0.0))
+        return MergePlan(models=dict(self.paths), tasks=tasks,
+                         config_json=self._config_json(ref_model, out_layer),
+                         extra_files=self._extra_files(ref_model),
+                         default_out_dtype=cfg.out_dtype or cfg.dtype)
+
+    def _check_parameter_names(self) -> None:
+        known = {p.name for p in self.spec.parameters}
+        levels = [self.config.parameters]
+        for src in self.config.models or []:
+            levels.append(src.parameters)
+        for sl in self.config.slices or []:
+            levels.append(sl.parameters)
+            levels.extend(s.parameters for s in sl.sources)
+        for level in levels:
+            for name, setting in level.items():
+                if name not in known:
+                    raise ConfigError(self._where(setting.line, f"merge_method {self.spec.name} has no parameter "
+                                                                f"'{name}'",
+                                                  suggest(name, sorted(known), "its parameters") if known
+                                                  else "remove it: this method takes no parameters"))
+
+    def _input_name(self, model: str, name: str, out_name: str, line: int | None) -> tuple[str, tuple]:
+        """The tensor to read from ``model`` for output ``out_name``, with its shape (tied heads resolved)."""
+        names = self.names[model]
+        if name not in names:
+            tied = tied_source(name, names)
+            if tied is None:
+                raise MissingTensorError(self._where(line, f"model '{model}' has no tensor '{name}' (needed for "
+                                                           f"output tensor '{out_name}')",
+                                                     "merge only checkpoints of the same architecture, or fix the "
+                                                     "layer_range"))
+            name = tied
+        return name, tuple(self.checkpoints[model].info(name).shape)
+
+    def _task(self, out_name: str, group: _Group, in_names: list[str], t: float) -> TensorTask:
+        inputs, shapes = [], []
+        for src, name in zip(group.sources, in_names):
+            name, shape = self._input_name(src.model, name, out_name, src.line)
+            inputs.append(TensorRef(src.model, name))
+            shapes.append(shape)
+        for ref, shape, src in zip(inputs, shapes, group.sources):
+            if shape != shapes[0]:
+                hint = ("the vocabularies differ: merge models that share one tokenizer"
+                        if any(h in out_name for h in ("embed", "lm_head", "wte")) else
+                        "merge checkpoints of the same size")
+                raise ShapeMismatchError(self._where(src.line, f"tensor '{ref.name}' has shape {shape} in "
+                                                               f"'{ref.model}' but {shapes[0]} in "
+                                                               f"'{inputs[0].model}'", hint))
+        models = [s.model for s in group.sources]
+        base_index = None
+        if group.base is not None and self.spec.base != "ignored":
+            if group.base not in models:
+                raise ConfigError(self._where(group.line, f"base_model '{group.base}' is not among this slice's "
+                                                          "sources", "add it as a source with the same layer_range"))
+            base_index = models.index(group.base)
+        parameters, lines = self._parameters(group, inputs, out_name, base_index, t)
+        self._validate(parameters, lines, inputs, base_index, out_name, group)
+        return TensorTask(out_name=out_name, method=self.spec.name, inputs=inputs, base_index=base_index,
+                          parameters=parameters, shape=shapes[0], dtype=self.config.dtype,
+                          out_dtype=self.config.out_dtype or self.config.dtype)
+
+    def _parameters(self, group: _Group, inputs: list[TensorRef], out_name: str, base_index: int | None,
+                    t: float) -> tuple[dict[str, Any], dict[str, int | None]]:
+        """Resolve every parameter the config sets for this tensor (see the module docstring).
+
+        Parameters the config never sets are left out (the method's defaults apply); a per-input
+        parameter set for some inputs only gets the method's default (or nothing, when required) in
+        the others' slots, and a non-base one gets None in the base's slot.
+        """
+        global_levels = [group.slice_params, self.config.parameters]
+        values: dict[str, Any] = {}
+        lines: dict[str, int | None] = {}
+        for p in self.spec.parameters:
+            if p.scope == "shared":
+                found, value, line = resolve(p.name, global_levels, out_name, t)
+                if found:
+                    values[p.name], lines[p.name] = value, line
+                elif p.required:
+                    raise ConfigError(self._where(self.config.line_of("parameters") or self.config.line_of(
+                                                  "merge_method"), f"merge_method {self.spec.name} needs parameter "
+                                                  f"'{p.name}' (for tensor '{out_name}')",
+                                                  f"add '{p.name}: <value>' under parameters:"))
+                continue
+            per_input, any_found = [], False
+            for i, (ref, src) in enumerate(zip(inputs, group.sources)):
+                if p.scope == "non_base" and i == base_index:
+                    per_input.append(None)
+                    continue
+                levels = [s.parameters for s in group.sources if s.model == src.model] + global_levels
+                found, value, line = resolve(p.name, levels, ref.name, t)
+                if not found and p.required:
+                    raise ConfigError(self._where(src.line, f"merge_method {self.spec.name} needs parameter "
+                                                            f"'{p.name}' for model '{src.model}' (tensor "
+                                                            f"'{ref.name}')",
+                                                  f"add '{p.name}: <value>' under this model's parameters, or "
+                                                  "under the global parameters"))
+                any_found |= found
+                per_input.append(value if found else p.default)
+                if found and p.name not in lines:
+                    lines[p.name] = line
+            if any_found:
+                values[p.name] = per_input
+        return values, lines
+
+    def _validate(self, parameters: dict, lines: dict, inputs: list[TensorRef], base_index: int | None,
+                  out_name: str, group: _Group) -> None:
+        n_inputs = len(inputs)
+        key = (repr(sorted(parameters.items())), n_inputs, base_index)
+        if key in self._validated:
+            return
+        try:
+            _methods.validate_parameters(self.spec.name, parameters, n_inputs, base_index=base_index, label=out_name)
+        except ConfigError as exc:
+            msg = re.sub(r"for input (\d+)", lambda m: f"for input {m[1]} ('{inputs[int(m[1])].model}')"
+                         if int(m[1]) < len(inputs) else m[0], str(exc))
+            if out_name not in msg:
+                msg += f" (output tensor '{out_name}')"
+            said = re.search(r"parameters? '?(\w+)", str(exc))
+            named = ([said[1]] if said and said[1] in parameters else
+                     [name for name in parameters if re.search(rf"\b{re.escape(name)}\b", str(exc))])
+            line = lines.get(named[0]) if named else (group.line if self.config.slices else
+                                                      self.config.line_of("merge_method"))
+            raise ConfigError(self._where(line, msg)) from None
+        self._validated.add(key)
+
+    # ------------------------------------------------------------------ side files
+    def _config_json(self, ref_model: str, num_layers: int) -> dict | None:
+        cfg = self.checkpoints[ref_model].config()
+        if cfg is None:
+            return None
+        cfg = dict(cfg)
+        if self.config.slices is not None:
+            ref_depth = self.layouts[ref_model].num_layers
+            for key in NUM_LAYERS_KEYS:
+                if cfg.get(key) == ref_depth:
+                    cfg[key] = num_layers
+            for key, value in list(cfg.items()):  # per-layer lists (layer_types, ...) follow the slices
+                if isinstance(value, list) and len(value) == ref_depth and ref_depth != num_layers:
+                    cfg[key] = self._sliced_list(key, value)
+        out = self.config.out_dtype or self.config.dtype
+        if out is not None:
+            name = str(out).removeprefix("torch.")
+            for key in ("dtype", "torch_dtype"):
+                if key in cfg or key == "dtype":
+                    cfg[key] = name
+        return cfg
+
+    def _sliced_list(self, key: str, value: list) -> list:
+        out = []
+        for sl in self.config.slices:
+            src = sl.sources[0]
+            depth = self.layouts[src.model].num_layers
+            values = (self.checkpoints[src.model].config() or {}).get(key, value)
+            if not isinstance(values, list) or len(values) != depth:
+                values = value
+            out.extend(values[src.layer_range[0]:src.layer_range[1]])
+        return out
+
+    def _extra_files(self, ref_model: str) -> dict[str, str]:
+        """Tokenizer files of ``tokenizer_source`` (default: the base, else the first model) and the config."""
+        source = self.config.tokenizer_source
+        if source in (None, "base"):
+            folder = self.checkpoints[ref_model].directory
+        elif source in self.checkpoints:
+            folder = self.checkpoints[source].directory
+        else:
+            folder = os.path.expanduser(source)
+            if not os.path.isdir(folder) and self.config.base_dir not in ("", "."):
+                folder = os.path.join(self.config.base_dir, folder)
+            if not os.path.isdir(folder):
+                raise ConfigError(self._where(self.config.line_of("tokenizer_source"),
+                                              f"tokenizer_source '{source}' is not a local folder",
+                                              "name a folder holding tokenizer.json / tokenizer_config.json, "
+                                              "or write 'base'"))
+        files = {}
+        if folder and os.path.isdir(folder):
+            for name in TOKENIZER_FILES:
+                if os.path.isfile(os.path.join(folder, name)):
+                    files[name] = os.path.abspath(os.path.join(folder, name))
+        if source not in (None, "base") and not any(n.startswith("tokenizer") for n in files):
+            raise ConfigError(self._where(self.config.line_of("tokenizer_source"),
+                                          f"tokenizer_source '{source}' holds no tokenizer files",
+                                          "name a folder with tokenizer.json or tokenizer.model"))
+        if self.config_path and os.path.isfile(self.config_path):
+            files["mergekit_config.yml"] = os.path.abspath(self.config_path)
+        return files
+
+
+def build_plan(config: MergeConfig, config_path: str | None = None) -> MergePlan:
+    """Validate ``config`` against its checkpoints' headers and plan every output tensor (no data read)."""
+    planner = Planner(config, config_path)
+    try:
+        return planner.build()
+    finally:
+        planner.close()
+
+
+def plan_summary(plan: MergePlan, config: MergeConfig | None = None) -> str:
+    """What a merge will do (for ``--dry-run``): the models, the output groups (layers, sources and
+    method of each), tensors and bytes written per method, bytes read. Reads headers only."""
+    infos: dict[tuple[str, str], Any] = {}
+    for key, path in plan.models.items():
+        with open_checkpoint(path) as ckpt:
+            needed = {ref.name for task in plan.tasks for ref in task.inputs if ref.model == key}
+            infos.update({(key, name): ckpt.info(name) for name in needed})
+    by_method: dict[str, list[int]] = {}
+    read_bytes = 0
+    for task in plan.tasks:
+        main = task.inputs[task.base_index if task.base_index is not None else 0]
+        dtype = task.out_dtype or plan.default_out_dtype or task.dtype or infos[(main.model, main.name)].dtype
+        entry = by_method.setdefault(task.method, [0, 0, 0])
+        entry[0] += 1
+        entry[1] += task.out_numel * torch.empty((), dtype=dtype).element_size()
+        entry[2] = max(entry[2], len(task.inputs))
+        read_bytes += sum(infos[(ref.model, ref.name)].nbytes for ref in task.inputs)
+    lines = [f"models ({len(plan.models)}):"]
+    lines += [f"  {key}" + (f" -> {path}" if os.path.abspath(key) != path else "") for key, path in plan.models.items()]
+    if config is not None:
+        lines += _group_lines(config)
+    total = sum(v[1] for v in by_method.values())
+    layers = plan.config_json.get("num_hidden_layers") if plan.config_json else None
+    lines.append(f"output: {len(plan.tasks)} tensors, {_human(total)}" + (f", {layers} layers" if layers else ""))
+    for method, (count, nbytes, k) in by_method.items():
+        lines.append(f"  {method}: {count} tensors, {_human(nbytes)}, {k} input{'s' if k != 1 else ''} each at most")
+    lines.append(f"reads: {_human(read_bytes)}")
+    if plan.extra_files:
+        lines.append(f"copies: {', '.join(sorted(plan.extra_files))}")
+    return "\n".join(lines)
+
+
+def _group_lines(config: MergeConfig) -> list[str]:
+    method = config.merge_method
+    if config.models is not None:
+        names = [s.model for s in config.models]
+        base = f", base {config.base_model}" if config.base_model else ""
+        return [f"group: every tensor <- {method}({', '.join(names)}){base}"]
+    out, lines = 0, []
+    for i, sl in enumerate(config.slices):
+        n = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
+        srcs = ", ".join(f"{s.model}[{s.layer_range[0]}:{s.layer_range[1]}]" for s in sl.sources)
+        lines.append(f"slice {i}: output layers {out}..{out + n - 1} <- {method}({srcs})")
+        out += n
+    return lines
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"

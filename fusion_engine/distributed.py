@@ -1,0 +1,177 @@
+"""Multi-process merges: ``torchrun --nproc-per-node N -m fusion_engine merge CONFIG OUT``.
+
+Every rank builds the same plan and the same output layout (:func:`fusion_engine.io.plan_shards` depends only
+on the plan), so the byte offset of every output tensor is known to all ranks before anything is read. Then:
+
+1. rank 0 checks the output path, creates the hidden temp folder and every shard file (headers written, data
+   regions allocated) and broadcasts the folder's path;
+2. each rank merges a contiguous run of tasks, in layout order, holding about ``1/N`` of the bytes to move
+   (inputs + output), and ``pwrite``\\ s each result at its planned offset in the shared shard files;
+3. the ranks exchange their status; if every rank succeeded, rank 0 writes the index and the side files and
+   renames the folder into place, otherwise it removes the folder and every rank raises.
+
+Because the layout and the bytes of each tensor do not depend on which rank computed it (merges are
+deterministic, randomness is keyed by tensor name), the result is byte-identical to a single-process merge
+with the same ``out_shard_size``. The process group is only used for coordination: gloo on CPU, NCCL on GPU
+(each rank then merges on ``cuda:LOCAL_RANK``). The output folder must be on a file system all ranks share.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from .errors import CheckpointError
+from .io.atomic import commit_temp_dir, discard_temp_dir, make_temp_dir
+from .io.writer import SAFETENSORS_INDEX, DEFAULT_MAX_SHARD_BYTES, ShardedWriter, write_file_synced
+
+
+def world_size_from_env() -> int:
+    """``WORLD_SIZE`` as set by torchrun (1 when absent or not a number), or the live group's size."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def split_by_bytes(costs: list[int], world_size: int) -> list[range]:
+    """Contiguous ranges of task indices, one per rank, each holding about ``sum(costs) / world_size``.
+
+    Task ``i`` goes to the rank whose share contains the midpoint of its bytes, so a rank's share is
+    contiguous in layout order (its writes are sequential) and no task is split.
+    """
+    total = sum(costs)
+    bounds = [0] * (world_size + 1)
+    bounds[world_size] = len(costs)
+    position = 0
+    rank = 1
+    for i, cost in enumerate(costs):
+        midpoint = position + cost / 2
+        while rank < world_size and midpoint >= total * rank / world_size:
+            bounds[rank] = i
+            rank += 1
+        position += cost
+    while rank < world_size:
+        bounds[rank] = len(costs)
+        rank += 1
+    return [range(bounds[r], bounds[r + 1]) for r in range(world_size)]
+
+
+def _init_group(device: str | torch.device) -> tuple[bool, torch.device]:
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise CheckpointError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    created = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        created = True
+    return created, device
+
+
+def _broadcast(obj, src: int = 0):
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def run_plan_distributed(plan, out_dir: str, *, device="cpu", out_shard_size=DEFAULT_MAX_SHARD_BYTES,
+                         allow_overwrite: bool = False, quiet: bool = False, max_in_flight: int = 2) -> dict:
+    """:func:`fusion_engine.executor.run_plan` for one rank of a torch.distributed job (see the module doc)."""
+    import torch.distributed as dist
+
+    from .executor import prepare, stream_jobs, write_side_files
+
+    created, device = _init_group(device)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    start = time.perf_counter()
+    ckpts = {}
+    try:
+        # every rank opens the inputs and plans; a failure anywhere stops all ranks before any output exists
+        error = None
+        try:
+            ckpts, jobs, layout = prepare(plan, out_shard_size)
+        except Exception as exc:  # noqa: BLE001 - reported to every rank below
+            error = exc
+        _raise_if_any(error, rank, world, "planning")
+
+        tmp, error = None, None
+        if rank == 0:
+            try:
+                tmp = make_temp_dir(out_dir, allow_overwrite)
+                ShardedWriter(tmp, layout).close()  # headers and sizes; data comes from every rank
+            except Exception as exc:  # noqa: BLE001
+                error = exc
+                if tmp is not None:
+                    discard_temp_dir(tmp)
+        tmp = _broadcast(tmp)
+        _raise_if_any(error, rank, world, "creating the output")
+
+        mine = jobs[slice(*_bounds(split_by_bytes([j.read_bytes + j.write_bytes for j in jobs], world)[rank]))]
+        error = None
+        try:
+            with ShardedWriter(tmp, layout, create=False) as writer:
+                stream_jobs(mine, ckpts, writer, device, max_in_flight, quiet or rank != 0,
+                            desc=f"merging (rank 0 of {world})")
+                writer.finish(expected=[j.task.out_name for j in mine], write_index=False)
+        except Exception as exc:  # noqa: BLE001
+            error = exc
+        try:
+            _raise_if_any(error, rank, world, "merging")
+        except BaseException:
+            if rank == 0:
+                discard_temp_dir(tmp)
+            raise
+
+        files, error = list(layout.filenames), None
+        if rank == 0:
+            try:
+                if len(layout.filenames) > 1:
+                    write_file_synced(os.path.join(tmp, SAFETENSORS_INDEX), layout.index_json().encode())
+                    files.append(SAFETENSORS_INDEX)
+                files += write_side_files(plan, ckpts, tmp)
+                commit_temp_dir(tmp, out_dir, allow_overwrite)
+            except Exception as exc:  # noqa: BLE001
+                error = exc
+                discard_temp_dir(tmp)
+        files = _broadcast(files)
+        _raise_if_any(error, rank, world, "finishing the output")
+    finally:
+        for ck in ckpts.values():
+            ck.close()
+        if created:
+            dist.destroy_process_group()
+    return {"out_dir": out_dir, "tensors": len(jobs), "bytes_read": sum(j.read_bytes for j in jobs),
+            "bytes_written": layout.total_bytes, "seconds": time.perf_counter() - start, "files": files,
+            "world_size": world, "device": str(device), "rank": rank, "rank_tensors": len(mine)}
+
+
+def _bounds(r: range) -> tuple[int, int]:
+    return r.start, r.stop
+
+
+def _raise_if_any(error: Exception | None, rank: int, world: int, stage: str) -> None:
+    """Share every rank's error; raise the local one, or a CheckpointError naming the failed ranks."""
+    import torch.distributed as dist
+
+    statuses = [None] * world
+    dist.all_gather_object(statuses, None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(r, s) for r, s in enumerate(statuses) if s is not None]
+    if failed:
+        r, message = failed[0]
+        raise CheckpointError(f"distributed merge failed while {stage} on rank {r} (of {world}): {message}")

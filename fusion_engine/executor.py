@@ -1,0 +1,325 @@
+"""Run a :class:`~fusion_engine.plan.MergePlan`: stream every input tensor, merge, write, one task at a time.
+
+Pipeline (per process)::
+
+    reader thread:  pread inputs of task i+1 (.. i+max_in_flight-1)   [-> pinned buffers -> H2D on a copy stream]
+    main thread:    merge_tensors(inputs of task i)                   [kernels on the compute stream]
+    writer thread:  pwrite output of task i-1 at its planned offset    [<- D2H on a copy stream into pinned memory]
+
+Nothing is memory-mapped on the read path, so the resident set holds only tensors in flight: about
+``max_in_flight × models × T + 2 T`` plus the method's temporaries and a fixed overhead, where ``T`` is the
+largest tensor in bytes; ``max_in_flight=1`` (no prefetch) gives ``(models + 1) × T``. The output's layout
+(which shard, which offset) is fixed from the plan before the first read (:func:`fusion_engine.io.plan_shards`),
+so the bytes written do not depend on the order in which tensors finish, nor on how many processes wrote them:
+under ``torchrun`` (``WORLD_SIZE > 1``) :mod:`fusion_engine.distributed` splits the tasks between ranks by bytes
+and the result is identical to a single-process merge.
+
+The output folder is built in a hidden sibling and renamed into place when complete
+(:func:`fusion_engine.io.atomic_output_dir`): any error, or a kill, leaves no partial checkpoint.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from .errors import CheckpointError, ShapeMismatchError
+from .io import atomic_output_dir, open_checkpoint
+from .io.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, ShardLayout, parse_size, plan_shards, write_file_synced
+from .plan import MergePlan, TensorTask
+
+# copied from the reference model when the plan names no side files of its own
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+              "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+
+
+@dataclass
+class _Job:
+    """One task with everything resolved before reading: output dtype and bytes of reads and writes."""
+
+    task: TensorTask
+    out_dtype: torch.dtype
+    read_bytes: int
+    write_bytes: int
+
+
+def _reference_model(plan: MergePlan) -> str | None:
+    for task in plan.tasks:
+        if task.base_index is not None:
+            return task.inputs[task.base_index].model
+    return next(iter(plan.models), None)
+
+
+def _resolve_jobs(plan: MergePlan, ckpts: dict) -> list[_Job]:
+    jobs = []
+    for task in plan.tasks:
+        infos = []
+        for ref in task.inputs:
+            if ref.model not in ckpts:
+                raise CheckpointError(f"output tensor {task.out_name!r}: model {ref.model!r} is not among the "
+                                      f"plan's models")
+            infos.append(ckpts[ref.model].info(ref.name))
+        main = infos[task.base_index] if task.base_index is not None else (infos[0] if infos else None)
+        out_dtype = task.out_dtype or plan.default_out_dtype or task.dtype or (main.dtype if main else None)
+        if out_dtype is None:
+            raise CheckpointError(f"output tensor {task.out_name!r} has no inputs and no out_dtype")
+        numel = task.out_numel
+        jobs.append(_Job(task, out_dtype, sum(i.nbytes for i in infos),
+                         numel * torch.empty((), dtype=out_dtype).element_size()))
+    return jobs
+
+
+def _is_plain_copy(job: _Job, input_dtype: torch.dtype) -> bool:
+    task = job.task
+    return (task.method == "passthrough" and len(task.inputs) == 1 and input_dtype == job.out_dtype
+            and all(v is None or v == 1 or v == [1] or v == [1.0] for v in task.parameters.values()))
+
+
+class _Streamer:
+    """Reads, merges and writes a list of jobs with a bounded number in flight (see the module docstring)."""
+
+    def __init__(self, ckpts: dict, writer: ShardedWriter, device: torch.device, max_in_flight: int, progress):
+        self.ckpts = ckpts
+        self.writer = writer
+        self.device = device
+        self.depth = max(0, max_in_flight - 1)
+        self.progress = progress
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.h2d = torch.cuda.Stream(device)
+            self.d2h = torch.cuda.Stream(device)
+
+    # -- reader thread
+    def _read(self, job: _Job):
+        host = []
+        for ref in job.task.inputs:
+            ck = self.ckpts[ref.model]
+            buf = None
+            if self.cuda:
+                buf = torch.empty(ck.info(ref.name).nbytes, dtype=torch.uint8, pin_memory=True)
+            host.append(ck.read(ref.name, buf))
+        if not self.cuda:
+            return host, None
+        with torch.cuda.stream(self.h2d):
+            dev = [t.to(self.device, non_blocking=True) for t in host]
+            event = torch.cuda.Event()
+            event.record(self.h2d)
+        return dev, event
+
+    # -- main thread
+    def _merge(self, job: _Job, inputs: list[torch.Tensor]) -> torch.Tensor:
+        task = job.task
+        if _is_plain_copy(job, inputs[0].dtype):
+            out = inputs[0]
+        else:
+            from . import merge_tensors
+
+            out = merge_tensors(inputs, task.method, parameters=task.parameters, base_index=task.base_index,
+                                name=task.out_name, dtype=task.dtype, out_dtype=job.out_dtype)
+        if tuple(out.shape) != tuple(task.shape):
+            raise ShapeMismatchError(f"output tensor {task.out_name!r}: the plan says shape {list(task.shape)}, "
+                                     f"the merge produced {list(out.shape)}")
+        return out.to(job.out_dtype)
+
+    def _to_host(self, out: torch.Tensor):
+        if not self.cuda:
+            return out, None
+        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+        self.d2h.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.d2h):
+            host.copy_(out, non_blocking=True)
+            out.record_stream(self.d2h)
+            event = torch.cuda.Event()
+            event.record(self.d2h)
+        return host, event
+
+    # -- writer thread
+    def _write(self, name: str, host: torch.Tensor, event) -> None:
+        if event is not None:
+            event.synchronize()
+        self.writer.add(name, host)
+
+    def run(self, jobs: list[_Job]) -> None:
+        with ThreadPoolExecutor(1, thread_name_prefix="fe-read") as readers, \
+                ThreadPoolExecutor(1, thread_name_prefix="fe-write") as writers:
+            pending_reads: collections.deque = collections.deque()
+            pending_write = None
+            next_read = 0
+            try:
+                for job in jobs:
+                    while next_read < len(jobs) and len(pending_reads) <= self.depth:
+                        pending_reads.append(readers.submit(self._read, jobs[next_read]))
+                        next_read += 1
+                    inputs, event = pending_reads.popleft().result()
+                    if event is not None:
+                        stream = torch.cuda.current_stream(self.device)
+                        stream.wait_event(event)
+                        for t in inputs:
+                            t.record_stream(stream)
+                    out = self._merge(job, inputs)
+                    del inputs
+                    host, done = self._to_host(out)
+                    del out
+                    if pending_write is not None:
+                        pending_write.result()
+                        self.progress.update(1)
+                    pending_write = writers.submit(self._write, job.task.out_name, host, done)
+                    del host
+                if pending_write is not None:
+                    pending_write.result()
+                    self.progress.update(1)
+            finally:
+                for f in pending_reads:
+                    f.cancel()
+
+
+class _Progress:
+    """tqdm over bytes written (rate in GB/s) with the tensor count; silent when quiet."""
+
+    def __init__(self, jobs: list[_Job], quiet: bool, desc: str):
+        self._jobs = iter(jobs)
+        self._bar = None
+        self._count = 0
+        self._total = len(jobs)
+        if not quiet:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=sum(j.write_bytes for j in jobs), unit="B", unit_scale=True, unit_divisor=1000,
+                             desc=desc, dynamic_ncols=True, smoothing=0.1)
+
+    def update(self, n: int) -> None:
+        for _ in range(n):
+            job = next(self._jobs)
+            self._count += 1
+            if self._bar is not None:
+                self._bar.update(job.write_bytes)
+                self._bar.set_postfix_str(f"{self._count}/{self._total} tensors", refresh=False)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _check_output_not_input(out_dir: str, plan: MergePlan) -> None:
+    out_real = os.path.realpath(out_dir)
+    for key, path in plan.models.items():
+        model_real = os.path.realpath(path)
+        if model_real == out_real or model_real.startswith(out_real.rstrip(os.sep) + os.sep):
+            raise CheckpointError(f"output folder {out_dir} is or contains the input model {key!r} ({path}); "
+                                  f"choose another output folder (inputs are never modified)")
+
+
+def write_side_files(plan: MergePlan, ckpts: dict, out_dir: str) -> list[str]:
+    """config.json (from the plan, else the reference model's) and tokenizer/generation files."""
+    written = []
+    reference = _reference_model(plan)
+    ref_dir = ckpts[reference].directory if reference in ckpts else None
+    if plan.config_json is not None:
+        write_file_synced(os.path.join(out_dir, "config.json"),
+                          (json.dumps(plan.config_json, indent=2, sort_keys=True) + "\n").encode())
+        written.append("config.json")
+    sources = dict(plan.extra_files)
+    if not sources and ref_dir is not None:
+        names = SIDE_FILES if plan.config_json is not None else ("config.json",) + SIDE_FILES
+        sources = {n: os.path.join(ref_dir, n) for n in names if os.path.isfile(os.path.join(ref_dir, n))}
+    for out_name, src in sources.items():
+        if os.path.isabs(out_name) or os.path.normpath(out_name).startswith(".."):
+            raise CheckpointError(f"side file name {out_name!r} must be a path inside the output folder")
+        if not os.path.isfile(src):
+            raise CheckpointError(f"side file {src} (for {out_name}) does not exist")
+        dest = os.path.join(out_dir, out_name)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        shutil.copyfile(src, dest)
+        with open(dest, "rb+") as fh:
+            os.fsync(fh.fileno())
+        written.append(out_name)
+    return written
+
+
+def _open_all(plan: MergePlan) -> dict:
+    ckpts = {}
+    try:
+        for key, path in plan.models.items():
+            ckpts[key] = open_checkpoint(path)
+    except BaseException:
+        for ck in ckpts.values():
+            ck.close()
+        raise
+    return ckpts
+
+
+def prepare(plan: MergePlan, out_shard_size) -> tuple[dict, list[_Job], ShardLayout]:
+    """Open the inputs, resolve every task's dtype and fix the output layout (no tensor data is read)."""
+    ckpts = _open_all(plan)
+    try:
+        jobs = _resolve_jobs(plan, ckpts)
+        layout = plan_shards([(j.task.out_name, j.out_dtype, tuple(j.task.shape)) for j in jobs],
+                             parse_size(out_shard_size))
+        order = {name: i for i, name in enumerate(layout.slots)}
+        jobs.sort(key=lambda j: order[j.task.out_name])  # write order: shard by shard, offset by offset
+    except BaseException:
+        for ck in ckpts.values():
+            ck.close()
+        raise
+    return ckpts, jobs, layout
+
+
+def stream_jobs(jobs, ckpts, writer, device, max_in_flight, quiet, desc="merging") -> None:
+    progress = _Progress(jobs, quiet, desc)
+    try:
+        _Streamer(ckpts, writer, device, max_in_flight, progress).run(jobs)
+    finally:
+        progress.close()
+
+
+def run_plan(plan: MergePlan, out_dir: str | os.PathLike, *, device: str | torch.device = "cpu",
+             out_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES, allow_overwrite: bool = False,
+             quiet: bool = False, max_in_flight: int = 2) -> dict:
+    """Execute ``plan`` and write the merged checkpoint to ``out_dir`` (atomically).
+
+    Parameters
+    ----------
+    device : where tensors are merged ("cpu", "cuda", "cuda:1"); inputs are read on the host either way.
+    out_shard_size : the largest shard's data size, bytes or a string like ``"5GB"`` (HF's default).
+    allow_overwrite : replace an existing ``out_dir`` (otherwise that is a CheckpointError).
+    quiet : no progress bar.
+    max_in_flight : tasks whose inputs are held at once (1 = no read-ahead; memory grows with it).
+
+    Returns a summary dict: ``out_dir``, ``tensors``, ``bytes_read``, ``bytes_written``, ``seconds``,
+    ``files``, ``world_size``, ``device``.
+
+    Under ``torchrun`` (environment ``WORLD_SIZE > 1``) the ranks split the work (see
+    :mod:`fusion_engine.distributed`); every rank returns the same summary.
+    """
+    from . import distributed
+
+    if max_in_flight < 1:
+        raise CheckpointError(f"max_in_flight must be >= 1, got {max_in_flight}")
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    _check_output_not_input(out_dir, plan)
+    if distributed.world_size_from_env() > 1:
+        return distributed.run_plan_distributed(plan, out_dir, device=device, out_shard_size=out_shard_size,
+                                                allow_overwrite=allow_overwrite, quiet=quiet,
+                                                max_in_flight=max_in_flight)
+    device = torch.device(device)
+    start = time.perf_counter()
+    ckpts, jobs, layout = prepare(plan, out_shard_size)
+    try:
+        with atomic_output_dir(out_dir, allow_overwrite) as tmp:
+            with ShardedWriter(tmp, layout) as writer:
+                stream_jobs(jobs, ckpts, writer, device, max_in_flight, quiet)
+                files = writer.finish()
+            files += write_side_files(plan, ckpts, tmp)
+    finally:
+        for ck in ckpts.values():
+            ck.close()
+    return {"out_dir": out_dir, "tensors": len(jobs), "bytes_read": sum(j.read_bytes for j in jobs),
+            "bytes_written": layout.total_bytes, "seconds": time.perf_counter() - start, "files": files,
+            "world_size": 1, "device": str(device)}

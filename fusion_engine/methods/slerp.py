@@ -1,0 +1,212 @@
+"""Spherical methods: ``slerp``, ``nuslerp``, ``multislerp``, ``karcher`` (mergekit 0.1.5 semantics).
+
+Each reduces the inputs to a few inner products (chunked, accumulated in float64), computes the
+interpolation coefficients on the host, and writes the result with one fused
+:func:`linear_merge` / :func:`task_arithmetic` pass. No K×N stack is built.
+
+* **slerp** (base + one input; t): a = base, b = other, both flattened;
+  cos θ = ⟨a/‖a‖, b/‖b‖⟩ (norms ≤ 1e-8 read as 1), clamped to [−1, 1];
+  y = sin((1−t)θ)/sin θ · a + sin(tθ)/sin θ · b, or (1−t) a + t b when |cos θ| > 0.9995.
+* **nuslerp** (two non-base inputs with weights w; optional base): t = w₂/(w₁+w₂) (0.5 when
+  |w₁+w₂| < 1e-6); v_i = x_i − b (or x_i); SLERP of v₁, v₂ over the whole tensor
+  (``nuslerp_flatten``, default), over each row (last dim), or over each column
+  (``nuslerp_row_wise``); lerp where 1 − cos²θ ≤ 1e-16; y = b + result.
+* **multislerp** (≥1 non-base inputs, weights, optional base): v_i = x_i − b, n_i = ‖v_i‖,
+  weights normalized to sum 1; m = Σ w_i v_i/(n_i + ε), y = b + (Σ w_i n_i) · m/‖m‖.
+  (mergekit's tangent-space step is a no-op here: the tangent of the weighted mean at its own
+  direction vanishes; only its rounding noise, ~1e-7, differs.)
+* **karcher** (all inputs, uniform weights 1/K): the weighted Karcher (Fréchet) mean of the unit
+  vectors u_i = x_i/‖x_i‖ on the sphere by mergekit's fixed-point iteration (``max_iter``,
+  ``tol``), scaled by Σ α_i ‖x_i‖. The iterate is a combination of the u_i, so it runs on the
+  K×K Gram matrix and the result is one linear_merge.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import ConfigError
+from ..ops import linear_merge, task_arithmetic
+from ..ops._common import accum_dtype
+from . import _common as M
+from .registry import (BASE_OPTIONAL, BASE_REQUIRED, NON_BASE, SHARED, Group, Method, Parameter,
+                       register)
+
+SLERP_EPS = 1e-8
+DOT_THRESHOLD = 0.9995
+
+
+def _combine(group: Group, xs: list[torch.Tensor], coeffs: list[float]) -> torch.Tensor:
+    """b + Σ c_i (x_i − b) with a base, Σ c_i x_i without: one fused pass."""
+    if group.base is not None:
+        return task_arithmetic(group.base, xs, coeffs, **group.ops_kwargs)
+    return linear_merge(xs, coeffs, normalize=False, **group.ops_kwargs)
+
+
+def slerp_coefficients(t: float, cos_theta: float, colinear: bool) -> tuple[float, float]:
+    if colinear:
+        return 1.0 - t, t
+    theta = math.acos(cos_theta)
+    s = math.sin(theta)
+    return math.sin((1.0 - t) * theta) / s, math.sin(t * theta) / s
+
+
+def merge_slerp(group: Group, *, t: float) -> torch.Tensor:
+    a = group.base
+    (b,) = group.non_base
+    norm_a, norm_b = M.norm(a), M.norm(b)
+    norm_a = norm_a if norm_a > SLERP_EPS else 1.0
+    norm_b = norm_b if norm_b > SLERP_EPS else 1.0
+    cos_theta = min(1.0, max(-1.0, M.inner(a, b) / (norm_a * norm_b)))
+    ca, cb = slerp_coefficients(t, cos_theta, abs(cos_theta) > DOT_THRESHOLD)
+    return linear_merge([a, b], [ca, cb], normalize=False, **group.ops_kwargs)
+
+
+def merge_nuslerp(group: Group, *, weight: list[float], nuslerp_row_wise: bool, nuslerp_flatten: bool) -> torch.Tensor:
+    x0, x1 = group.non_base
+    base = group.base
+    total = sum(weight)
+    t = 0.5 if abs(total) < 1e-6 else weight[1] / total
+    if nuslerp_flatten or x0.dim() <= 1:
+        n0, n1 = max(M.norm(x0, base), 1e-7), max(M.norm(x1, base), 1e-7)
+        cos_theta = min(1.0, max(-1.0, M.inner(x0, x1, base) / (n0 * n1)))
+        c0, c1 = slerp_coefficients(t, cos_theta, 1.0 - cos_theta * cos_theta <= SLERP_EPS ** 2)
+        return _combine(group, [x0, x1], [c0, c1])
+    # one SLERP per row (last dim) or per column (dim 0, nuslerp_row_wise), in the accumulation dtype
+    acc = accum_dtype(x0.dtype)
+    v0, v1 = (x0, x1) if base is None else (M.delta(x0, base), M.delta(x1, base))
+    v0, v1 = v0.to(acc), v1.to(acc)
+    if nuslerp_row_wise:
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+    u0 = v0 / v0.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    u1 = v1 / v1.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    cos_theta = (u0 * u1).sum(-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos_theta.square()) <= SLERP_EPS ** 2
+    theta = torch.acos(torch.where(colinear, 0, cos_theta))
+    sin_theta = torch.where(colinear, 1, torch.sin(theta))
+    c0 = torch.where(colinear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
+    c1 = torch.where(colinear, t, torch.sin(t * theta) / sin_theta)
+    result = c0 * v0 + c1 * v1
+    if nuslerp_row_wise:
+        result = result.transpose(0, -1)
+    if base is not None:
+        result = result + base.to(acc)
+    return result.to(group.out_dtype)
+
+
+def merge_multislerp(group: Group, *, weight: list[float], normalize_weights: bool, eps: float) -> torch.Tensor:
+    xs, base = group.non_base, group.base
+    if len(xs) == 1:
+        return xs[0].to(group.out_dtype)
+    w = M.nonzero_sum_weights("multislerp", weight) if normalize_weights else list(weight)
+    norms = [M.norm(x, base) for x in xs]
+    unit_coeffs = [wi / (n + eps) for wi, n in zip(w, norms)]
+    acc = accum_dtype(xs[0].dtype)
+    if base is None:
+        mean = linear_merge(xs, unit_coeffs, normalize=False, out_dtype=acc, check_finite=group.check_finite,
+                            backend=group.backend)
+    else:
+        mean = linear_merge([*xs, base], [*unit_coeffs, -sum(unit_coeffs)], normalize=False, out_dtype=acc,
+                            check_finite=group.check_finite, backend=group.backend)
+    mean_norm = M.norm(mean)
+    if mean_norm < eps:
+        if len(xs) == 2:  # mergekit's fallback: the weighted sum of the (task) vectors
+            return _combine(group, xs, w)
+        raise ConfigError(f"multislerp{_where(group)}: the weighted mean of the unit vectors is zero "
+                          f"(antipodal inputs whose weights cancel); use different weights")
+    scale = sum(wi * n for wi, n in zip(w, norms)) / mean_norm
+    return _combine(group, xs, [c * scale for c in unit_coeffs])
+
+
+def _where(group: Group) -> str:
+    return f" ({group.name})" if group.name else ""
+
+
+def karcher_coefficients(gram: list[list[float]], alphas: list[float], max_iter: int, tol: float) -> list[float]:
+    """Coefficients c of the Karcher mean m = Σ c_j u_j of unit vectors with Gram matrix G."""
+    k = len(alphas)
+    g = torch.tensor(gram, dtype=torch.float64)
+    a = torch.tensor(alphas, dtype=torch.float64)
+    quad = lambda v: float(v @ g @ v)  # noqa: E731  (‖Σ v_j u_j‖²)
+    c = a.clone()
+    mean_norm = math.sqrt(max(0.0, quad(c)))
+    if mean_norm < tol:
+        c = torch.zeros(k, dtype=torch.float64)
+        c[0] = 1.0
+    else:
+        c = c / mean_norm
+    eye = torch.eye(k, dtype=torch.float64)
+    for _ in range(max_iter):
+        dots = (g @ c).clamp(-1.0, 1.0)
+        tangent = torch.zeros(k, dtype=torch.float64)
+        for i in range(k):
+            theta = math.acos(float(dots[i]))
+            if theta < tol:
+                continue
+            tangent += alphas[i] * (theta / math.sin(theta)) * (eye[i] - dots[i] * c)
+        tangent_norm = math.sqrt(max(0.0, quad(tangent)))
+        if tangent_norm < tol:
+            break
+        c = math.cos(tangent_norm) * c + math.sin(tangent_norm) * (tangent / tangent_norm)
+        unit_norm = math.sqrt(max(0.0, quad(c)))
+        if unit_norm > tol:
+            c = c / unit_norm
+    return c.tolist()
+
+
+def merge_karcher(group: Group, *, max_iter: int, tol: float) -> torch.Tensor:
+    xs = group.tensors
+    if len(xs) == 1:
+        return xs[0].to(group.out_dtype)
+    alphas = [1.0 / len(xs)] * len(xs)
+    norms = [M.norm(x) for x in xs]
+    valid = [i for i, n in enumerate(norms) if n > tol]
+    if not valid:
+        return torch.zeros_like(xs[0], dtype=group.out_dtype)
+    alpha_sum = sum(alphas[i] for i in valid)
+    valid_alphas = [alphas[i] / alpha_sum for i in valid]
+    gram = [[M.inner(xs[i], xs[j]) / (norms[i] * norms[j]) for j in valid] for i in valid]
+    c = karcher_coefficients(gram, valid_alphas, max_iter, tol)
+    scale = sum(a * n for a, n in zip(alphas, norms))
+    return linear_merge([xs[i] for i in valid], [scale * cj / norms[i] for cj, i in zip(c, valid)],
+                        normalize=False, **group.ops_kwargs)
+
+
+register(Method(
+    name="slerp", merge=merge_slerp,
+    parameters=(Parameter("t", float, SHARED, doc="interpolation factor: 0 = base, 1 = the other input"),),
+    base=BASE_REQUIRED, min_inputs=2, max_inputs=2, fused_ops=("linear_merge",),
+    summary="spherical interpolation between the base and one model", reference="https://en.wikipedia.org/wiki/Slerp",
+))
+register(Method(
+    name="nuslerp", merge=merge_nuslerp,
+    parameters=(
+        Parameter("weight", float, NON_BASE, doc="w_i; t = w₂/(w₁+w₂)"),
+        Parameter("nuslerp_row_wise", bool, SHARED, default=False, doc="SLERP each column (dim 0)"),
+        Parameter("nuslerp_flatten", bool, SHARED, default=True, doc="SLERP the whole tensor"),
+    ),
+    base=BASE_OPTIONAL, min_non_base=2, max_non_base=2, fused_ops=("task_arithmetic", "linear_merge"),
+    summary="SLERP of two models or of their task vectors",
+))
+register(Method(
+    name="multislerp", merge=merge_multislerp,
+    parameters=(
+        Parameter("weight", float, NON_BASE, doc="w_i"),
+        Parameter("normalize_weights", bool, SHARED, default=True, doc="divide the weights by their sum"),
+        Parameter("eps", float, SHARED, default=1e-8, low=0.0, low_open=True, doc="ε for norms"),
+    ),
+    base=BASE_OPTIONAL, min_non_base=1, fused_ops=("linear_merge", "task_arithmetic"),
+    summary="barycentric interpolation on the hypersphere",
+    reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+))
+register(Method(
+    name="karcher", merge=merge_karcher,
+    parameters=(
+        Parameter("max_iter", int, SHARED, default=10, low=0, doc="iterations at most"),
+        Parameter("tol", float, SHARED, default=1e-5, low=0.0, doc="convergence tolerance"),
+    ),
+    fused_ops=("linear_merge",),
+    summary="Karcher (Riemannian) mean on the hypersphere", reference="https://arxiv.org/abs/2603.04972",
+))

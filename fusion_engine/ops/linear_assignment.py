@@ -1,0 +1,198 @@
+"""Linear assignment (the linear sum assignment problem), exactly, for one cost matrix or a batch.
+
+.. math::  \\min_{\\pi} \\sum_{t=1}^{k} C_{r_t, \\pi(r_t)}, \\qquad k = \\min(n, m)
+
+over injective matchings of k rows to k columns (every row when n ≤ m, every column when n > m).
+The results follow ``scipy.optimize.linear_sum_assignment``; the cpp backend is a Jonker–Volgenant
+shortest-augmenting-path solver (csrc/core/linear_assignment.cpp) that spreads a batch over threads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._dispatch import register, resolve
+from . import _common as C
+
+OP = "linear_assignment"
+
+
+def linear_assignment(cost: torch.Tensor, *, maximize: bool = False,
+                      backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Optimal assignment of rows to columns of a cost matrix (or of each matrix of a batch).
+
+    .. math::  \\min_{\\pi} \\sum_{t=1}^{k} C_{r_t, \\pi(r_t)}   (``maximize=True``: max)
+
+    where C is n × m, k = min(n, m), the r_t are k distinct rows (all rows when n ≤ m) in ascending
+    order and π maps them to distinct columns. The optimum is exact (costs are converted to float64);
+    among several optimal assignments any one may be returned. This is
+    ``scipy.optimize.linear_sum_assignment`` for dense finite costs, batched.
+
+    Parameters
+    ----------
+    cost : tensor [n, m] or [B, n, m]
+        Finite costs, any float dtype (fp16, bf16, fp32, fp64), integer or bool (converted to float64),
+        any layout, any device: CUDA tensors are copied to the host (the solver runs on the CPU).
+    maximize : bool
+        Maximise the total instead of minimising it.
+    backend : "cpp" (Jonker–Volgenant in C++, the automatic choice) or "torch" (the reference
+        shortest-augmenting-path solver, slow: the oracle of the tests at small sizes).
+
+    Returns
+    -------
+    (row_ind, col_ind) : two int64 CPU tensors of length k (``cost`` [n, m]) or [B, k] (``cost``
+        [B, n, m]); ``row_ind`` ascending (``arange(n)`` when n ≤ m), so that
+        ``cost[row_ind, col_ind].sum()`` is the optimal total.
+
+    The cpp backend solves the problems of a batch in parallel, one per thread
+    (``torch.get_num_threads()`` threads, the GIL released); each thread holds a float64 copy of its
+    problem (8·n·m bytes). The answer does not depend on the number of threads.
+
+    Raises
+    ------
+    NonFiniteError
+        A cost is NaN or ±Inf (the message names the problem of the batch). Forbid a pair with a
+        large finite cost instead of +Inf.
+
+    Example
+    -------
+    >>> linear_assignment(torch.tensor([[4.0, 1.0, 3.0], [2.0, 0.0, 5.0], [3.0, 2.0, 2.0]]))
+    (tensor([0, 1, 2]), tensor([1, 0, 2]))
+
+    References: R. Jonker and A. Volgenant, "A shortest augmenting path algorithm for dense and sparse
+    linear assignment problems", Computing 38, 1987; D. F. Crouse, "On implementing 2D rectangular
+    assignment algorithms", IEEE TAES 52(4), 2016.
+    """
+    if not isinstance(cost, torch.Tensor):
+        raise C.ConfigError(f"{OP}: cost is a {type(cost).__name__}, not a torch.Tensor "
+                            f"(wrap a NumPy array with torch.from_numpy)")
+    if cost.dim() not in (2, 3):
+        raise C.ShapeMismatchError(
+            f"{OP}: cost has shape {tuple(cost.shape)}; pass one [n, m] cost matrix or a batch [B, n, m]"
+        )
+    if not isinstance(maximize, bool):
+        raise C.ConfigError(f"{OP}: maximize={maximize!r} must be True or False")
+    if cost.is_complex():
+        raise C.DTypeMismatchError(f"{OP}: cost has complex dtype {cost.dtype}; pass real costs")
+    host = cost.detach()
+    if host.device.type != "cpu":
+        host = host.to("cpu")
+    if host.dtype not in C.FLOAT_DTYPES:
+        host = host.to(torch.float64)  # integers and bools: exact up to 2**53
+    batch = host if host.dim() == 3 else host.unsqueeze(0)
+    _check_range(batch)
+    _, kernel = resolve(OP, torch.device("cpu"), batch.dtype, backend)
+    with torch.no_grad():
+        row_ind, col_ind, bad = kernel(batch, maximize=maximize)
+    if bad >= 0:
+        where = f"cost[{bad}]" if cost.dim() == 3 else "cost"
+        raise C.NonFiniteError(
+            f"{OP}: {where} holds NaN or Inf values; the assignment needs finite costs "
+            f"(forbid a pair with a large finite cost instead of inf)"
+        )
+    if cost.dim() == 2:
+        return row_ind[0], col_ind[0]
+    return row_ind, col_ind
+
+
+MAX_ABS_COST = 1e200  # path lengths (sums of up to n cost differences) stay far from float64 overflow
+
+
+def _check_range(batch: torch.Tensor) -> None:
+    """Finite costs beyond ±1e200 (only float64 can hold them) would overflow the path lengths."""
+    if batch.dtype != torch.float64 or batch.numel() == 0:
+        return
+    largest = float(batch.abs().amax())
+    if math.isfinite(largest) and largest > MAX_ABS_COST:  # NaN/Inf are reported per problem by the kernel
+        raise C.ConfigError(
+            f"{OP}: cost holds a value of magnitude {largest:.3g}, beyond the solver's range of ±{MAX_ABS_COST:g}; "
+            f"rescale the costs (the optimal assignment does not change when all costs are multiplied by one "
+            f"positive number)"
+        )
+
+
+def linear_assignment_reference(cost: torch.Tensor, *, maximize: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Kernel-level oracle: cost [B, n, m] (CPU, any float dtype and layout) →
+    ``(row_ind [B, k], col_ind [B, k], bad)`` with ``bad`` the index of the first problem holding
+    NaN/Inf (-1 if none; such problems are not solved)."""
+    batch, n, m = cost.shape
+    k = min(n, m)
+    row_ind = torch.zeros((batch, k), dtype=torch.int64)
+    col_ind = torch.zeros((batch, k), dtype=torch.int64)
+    for b in range(batch):
+        problem = cost[b].to(torch.float64)
+        if not bool(torch.isfinite(problem).all()):
+            return row_ind, col_ind, b
+        if maximize:
+            problem = -problem
+        transposed = n > m
+        rows_to_cols = _shortest_augmenting_paths(problem.T if transposed else problem)
+        if transposed:  # the solved rows are our columns: list our rows in ascending order
+            order = torch.argsort(rows_to_cols)
+            row_ind[b] = rows_to_cols[order]
+            col_ind[b] = order
+        else:
+            row_ind[b] = torch.arange(n)
+            col_ind[b] = rows_to_cols
+    return row_ind, col_ind, -1
+
+
+def _shortest_augmenting_paths(cost: torch.Tensor) -> torch.Tensor:
+    """Minimum-cost assignment of every row of an n × m (n ≤ m) float64 matrix: the column of each row.
+
+    Rows are added one at a time. Row duals u and column duals v keep every reduced cost
+    C_ij − u_i − v_j ≥ 0, with equality on assigned pairs. For a new row f, Dijkstra over the reduced
+    costs finds the cheapest alternating path from f to a free column (a free column wins ties);
+    the duals move by the path lengths and the path is flipped, growing the assignment by one.
+    """
+    n, m = cost.shape
+    u = torch.zeros(n, dtype=torch.float64)
+    v = torch.zeros(m, dtype=torch.float64)
+    row_of_col = torch.full((m,), -1, dtype=torch.int64)
+    col_of_row = torch.full((n,), -1, dtype=torch.int64)
+    inf = torch.tensor(float("inf"), dtype=torch.float64)
+    for f in range(n):
+        dist = torch.full((m,), float("inf"), dtype=torch.float64)   # path length to each column
+        pred = torch.full((m,), -1, dtype=torch.int64)               # the row before each column
+        done = torch.zeros(m, dtype=torch.bool)                      # columns whose distance is final
+        scanned_rows = [f]
+        i, reached = f, 0.0
+        while True:
+            through_i = reached + cost[i] - u[i] - v
+            better = ~done & (through_i < dist)
+            dist = torch.where(better, through_i, dist)
+            pred = torch.where(better, torch.tensor(i), pred)
+            open_dist = torch.where(done, inf, dist)
+            reached = float(open_dist.min())
+            nearest = open_dist == reached
+            nearest_free = nearest & (row_of_col < 0)
+            j = int(torch.nonzero(nearest_free if bool(nearest_free.any()) else nearest)[0])
+            done[j] = True
+            if int(row_of_col[j]) < 0:
+                sink = j
+                break
+            i = int(row_of_col[j])
+            scanned_rows.append(i)
+        # dual update: u_f grows by the path length, the other scanned rows and columns by the slack
+        u[f] += reached
+        for row in scanned_rows[1:]:
+            u[row] += reached - dist[col_of_row[row]]
+        v[done] -= reached - dist[done]
+        # flip the path
+        j = sink
+        while True:
+            i = int(pred[j])
+            row_of_col[j] = i
+            j, col_of_row[i] = int(col_of_row[i]), j
+            if i == f:
+                break
+    return col_of_row
+
+
+register(
+    OP,
+    torch="fusion_engine.ops.linear_assignment:linear_assignment_reference",
+    cpp="fusion_engine.launchers.cpp:linear_assignment",
+)

@@ -1,0 +1,206 @@
+"""End to end: ``fusion-engine merge`` and ``mergekit-yaml`` on the same YAML give the same checkpoint.
+
+Three tiny Llama fine-tunes and their base (hidden 64, 4 layers, vocab 128, saved by transformers'
+``save_pretrained``) are merged with ties, dare_ties (density 1.0, so deterministic), slerp,
+linear, task_arithmetic and a passthrough frankenmerge — with gradients, filters and every
+parameter level. mergekit runs all configs in one child process (its import dominates the time),
+offline, while ours run in-process through the CLI entry point. Both outputs must have the same
+tensor names, shapes and dtypes, values within tolerance, the same layer count in config.json, and
+ours must load and run in transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from cli_fixtures import load_dir, run_cli, scratch, tiny_llamas, write
+
+CONFIGS = {
+    "ties": """\
+        merge_method: ties
+        base_model: {base}
+        models:
+          - model: {m0}
+            parameters:
+              weight: 1.0
+              density: [0.3, 0.9]
+          - model: {m1}
+            parameters:
+              weight:
+                - filter: mlp
+                  value: 0.8
+                - value: 0.4
+              density: 0.5
+          - model: {m2}
+            parameters:
+              weight: 0.6
+              density: 0.7
+        parameters:
+          normalize: true
+        """,
+    "dare_ties": """\
+        merge_method: dare_ties
+        base_model: {base}
+        models:
+          - model: {m0}
+            parameters: {{weight: 0.5}}
+          - model: {m1}
+            parameters: {{weight: [0.2, 0.7]}}
+          - model: {m2}
+            parameters: {{weight: 0.3}}
+        parameters:
+          density: 1.0
+          lambda: 0.9
+        """,
+    "slerp": """\
+        merge_method: slerp
+        base_model: {base}
+        models:
+          - model: {base}
+          - model: {m1}
+        parameters:
+          t:
+            - filter: self_attn
+              value: [0.0, 0.5, 0.3, 0.7, 1.0]
+            - filter: mlp
+              value: [1.0, 0.5, 0.7, 0.3, 0.0]
+            - value: 0.5
+        dtype: float32
+        out_dtype: bfloat16
+        """,
+    "linear": """\
+        merge_method: linear
+        models:
+          - model: {m0}
+            parameters: {{weight: 1.0}}
+          - model: {m1}
+            parameters:
+              weight:
+                - filter: embed_tokens
+                  value: 3.0
+                - value: [0.5, 2.0]
+          - model: {m2}
+            parameters: {{weight: 0.25}}
+        parameters:
+          normalize: false
+        """,
+    "task_arithmetic": """\
+        merge_method: task_arithmetic
+        base_model: {base}
+        slices:
+          - sources:
+              - model: {base}
+                layer_range: [0, 4]
+              - model: {m0}
+                layer_range: [0, 4]
+                parameters: {{weight: 0.7}}
+              - model: {m2}
+                layer_range: [0, 4]
+            parameters:
+              weight: [0.1, 0.5]
+        parameters:
+          lambda: 1.5
+        """,
+    "passthrough": """\
+        merge_method: passthrough
+        slices:
+          - sources:
+              - model: {m0}
+                layer_range: [0, 3]
+          - sources:
+              - model: {m1}
+                layer_range: [1, 4]
+          - sources:
+              - model: {base}
+                layer_range: [3, 4]
+                parameters:
+                  scale:
+                    - filter: o_proj
+                      value: 0.5
+        """,
+}
+# (atol, rtol): float32 outputs differ only by summation order; bf16 outputs by one rounding
+TOLERANCE = {torch.float32: (2e-6, 2e-5), torch.bfloat16: (1e-2, 1e-2)}
+
+MERGEKIT_DRIVER = """\
+import sys
+from mergekit.scripts.run_yaml import main
+for config, out in zip(sys.argv[1::2], sys.argv[2::2]):
+    main([config, out, "--quiet", "--no-write-model-card", "--no-copy-tokenizer"], standalone_mode=False)
+"""
+
+
+@pytest.fixture(scope="module")
+def merged():
+    """{name: (our output folder, mergekit's output folder)} for every config."""
+    m = tiny_llamas()
+    folder = scratch("e2e")
+    paths = {name: write(folder, f"{name}.yaml", textwrap.dedent(text).format(
+        base=m["base"], m0=m["model_0"], m1=m["model_1"], m2=m["model_2"])) for name, text in CONFIGS.items()}
+    outs = {name: (os.path.join(folder, f"{name}_ours"), os.path.join(folder, f"{name}_mergekit")) for name in paths}
+    args = [a for name in paths for a in (paths[name], outs[name][1])]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1")}
+    mergekit = subprocess.Popen([sys.executable, "-c", MERGEKIT_DRIVER, *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        for name in paths:  # ours run meanwhile
+            assert run_cli("merge", paths[name], outs[name][0], "--quiet") == 0, name
+        log, _ = mergekit.communicate(timeout=300)
+    finally:
+        if mergekit.poll() is None:
+            mergekit.kill()
+    assert mergekit.returncode == 0, log[-4000:]
+    return outs
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_same_checkpoint_as_mergekit(merged, name):
+    ours_dir, theirs_dir = merged[name]
+    ours, theirs = load_dir(ours_dir), load_dir(theirs_dir)
+    assert sorted(ours) == sorted(theirs)
+    for key in theirs:
+        a, b = ours[key], theirs[key]
+        assert a.shape == b.shape and a.dtype == b.dtype, (key, a.shape, b.shape, a.dtype, b.dtype)
+        atol, rtol = TOLERANCE[b.dtype]
+        diff = (a.float() - b.float()).abs().max().item()
+        assert torch.allclose(a.float(), b.float(), atol=atol, rtol=rtol), f"{name}: {key} max |diff| {diff:.3g}"
+    with open(os.path.join(ours_dir, "config.json")) as f:
+        ours_cfg = json.load(f)
+    with open(os.path.join(theirs_dir, "config.json")) as f:
+        theirs_cfg = json.load(f)
+    assert ours_cfg["num_hidden_layers"] == theirs_cfg["num_hidden_layers"]
+    assert ours_cfg["architectures"] == theirs_cfg["architectures"]
+
+
+def test_frankenmerge_layers_are_the_sources_layers(merged):
+    m = tiny_llamas()
+    out = load_dir(merged["passthrough"][0])
+    m0, m1, base = load_dir(m["model_0"]), load_dir(m["model_1"]), load_dir(m["base"])
+    key = "model.layers.{}.mlp.up_proj.weight"
+    assert torch.equal(out[key.format(2)], m0[key.format(2)])
+    assert torch.equal(out[key.format(3)], m1[key.format(1)]) and torch.equal(out[key.format(5)], m1[key.format(3)])
+    o_proj = "model.layers.{}.self_attn.o_proj.weight"
+    assert torch.allclose(out[o_proj.format(6)], 0.5 * base[o_proj.format(3)])
+    assert len({k for k in out if ".layers." in k}) == 7 * 9
+
+
+@pytest.mark.parametrize("name", ["ties", "passthrough", "slerp"])
+def test_output_loads_in_transformers(merged, name):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = merged[name][0]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(path)  # the base's tokenizer files were copied
+    ids = tok("merge", return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert logits.shape == (1, ids.shape[1], 128) and torch.isfinite(logits).all()
+    assert model.config.num_hidden_layers == (7 if name == "passthrough" else 4)

@@ -1,0 +1,99 @@
+"""Multi-process merges (gloo): the same bytes as one process; a failure on any rank leaves no output."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from fusion_engine.distributed import split_by_bytes
+from fusion_engine.executor import run_plan
+
+from io_testkit import linear_plan, state_dict, tree_digest, write_model
+
+WEIGHTS = [0.5, 0.3, 0.2]
+
+RANK_SCRIPT = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, {testdir!r})
+    from fusion_engine.executor import run_plan
+    from io_testkit import linear_plan
+    plan = linear_plan({models!r}, {weights!r})
+    if {bad_task} is not None:
+        plan.tasks[{bad_task}].shape = (1, 2, 3)
+    summary = run_plan(plan, {out!r}, quiet=True, out_shard_size={shard})
+    print("SUMMARY " + json.dumps(summary), flush=True)
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_ranks(world, models, out, shard, bad_task=None):
+    script = RANK_SCRIPT.format(testdir=os.path.dirname(__file__), models=models, weights=WEIGHTS, out=str(out),
+                                shard=shard, bad_task=bad_task)
+    port = _free_port()
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
+                   RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    results = []
+    for p in procs:
+        try:
+            stdout, stderr = p.communicate(timeout=120)
+        finally:
+            if p.poll() is None:
+                p.kill()
+        summary = next((json.loads(line[8:]) for line in stdout.splitlines() if line.startswith("SUMMARY ")), None)
+        results.append((p.returncode, summary, stderr))
+    return results
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist_models")
+    return {f"m{i}": write_model(root / f"m{i}", state_dict(10 + i), shards=1 + i % 2) for i in range(3)}
+
+
+@pytest.mark.parametrize("shard", [1500, 10**9], ids=["sharded", "single_file"])
+def test_two_process_gloo_merge_equals_single_process_byte_for_byte(models, tmp_path, shard):
+    run_plan(linear_plan(models, WEIGHTS), tmp_path / "single", quiet=True, out_shard_size=shard)
+    results = _run_ranks(2, models, tmp_path / "dist", shard)
+    for rc, summary, stderr in results:
+        assert rc == 0, stderr
+        assert summary["world_size"] == 2
+    assert sum(s["rank_tensors"] for _, s, _ in results) == 6
+    assert all(s["rank_tensors"] > 0 for _, s, _ in results)
+    assert tree_digest(tmp_path / "dist") == tree_digest(tmp_path / "single")
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
+
+
+def test_a_failing_rank_leaves_no_output(models, tmp_path):
+    results = _run_ranks(2, models, tmp_path / "dist", 1500, bad_task=5)  # the last task: rank 1's share
+    assert all(rc != 0 for rc, _, _ in results)
+    assert "ShapeMismatchError" in results[1][2]
+    assert "failed while merging on rank 1" in results[0][2]
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("costs, world, want", [
+    ([10] * 4, 2, [(0, 2), (2, 4)]),
+    ([100, 1, 1, 1], 2, [(0, 1), (1, 4)]),
+    ([1, 1, 1, 100], 2, [(0, 3), (3, 4)]),
+    ([5], 3, [(0, 0), (0, 1), (1, 1)]),  # the midpoint of the one task lies in the middle share
+    ([], 2, [(0, 0), (0, 0)]),
+    ([3, 3, 3, 3, 3, 3], 3, [(0, 2), (2, 4), (4, 6)]),
+])
+def test_split_by_bytes(costs, world, want):
+    ranges = split_by_bytes(costs, world)
+    assert [(r.start, r.stop) for r in ranges] == want

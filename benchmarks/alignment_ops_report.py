@@ -55,7 +55,7 @@ def assignment_section(sizes, kinds) -> list[str]:
                 speedup = f"{times['scipy'] / t:.2f}×" if "scipy" in times else ""
                 lines.append(f"| {kind} | {n} | {name} | {t * 1e3:.1f} | {t * 1e3 / case.batch:.1f} | {speedup} | "
                              f"{same if name == 'fusion_engine-cpp' else ''} |")
-            print(lines[-len(times):], file=sys.stderr, flush=True)
+            print("\n".join(lines[-len(times):]), file=sys.stderr, flush=True)
             del case
     return lines
 
@@ -78,7 +78,7 @@ def cost_matrix_section(device: str, shape, bandwidth: float) -> list[str]:
                 lines.append(f"| {metric} | {str(dtype).replace('torch.', '')} | {name} | {t * 1e3:.2f} | "
                              f"{case.flops / t / 1e9:.0f} | {case.floor_bytes / t / 1e9:.1f} | {t / gemm:.2f} | "
                              f"{t / floor:.1f} |")
-            print(lines[-len(times):], file=sys.stderr, flush=True)
+            print("\n".join(lines[-len(times):]), file=sys.stderr, flush=True)
             del case
     return lines
 

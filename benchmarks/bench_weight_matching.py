@@ -5,13 +5,14 @@ permutation (same seeded order), for each (weight, axis) it acts on, apply every
 to B's weight, flatten, ``A += W_a W_bᵀ``; solve with ``scipy.optimize.linear_sum_assignment``;
 stop after a sweep without improvement. Both must return the same permutations.
 
-Run:  pytest benchmarks/bench_weight_matching.py            (pytest-benchmark, side by side)
-      python benchmarks/bench_weight_matching.py [--width 4]  (one timing line per provider)
+Run:  pytest benchmarks/bench_weight_matching.py                        (pytest-benchmark, side by side)
+      python benchmarks/bench_weight_matching.py --width 1,4,8 --repeats 5  (markdown table)
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -77,22 +78,21 @@ PROVIDERS = {
 }
 
 
-def time_providers(width: int = 4, repeats: int = 3) -> dict[str, float]:
-    """Best-of-``repeats`` seconds per provider; asserts both find the same permutations."""
+def time_providers(width: int = 4, repeats: int = 5) -> dict[str, tuple[float, float]]:
+    """(median, min) seconds per provider over ``repeats`` rounds; the providers alternate within a
+    round, so a busy spell of a shared machine hits both. Asserts both find the same permutations."""
     spec, sa, sb = make_case(width)
-    results, times = {}, {}
-    for name, fn in PROVIDERS.items():
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            results[name] = fn(spec, sa, sb)
-            best = min(best, time.perf_counter() - t0)
-        times[name] = best
+    results = {name: fn(spec, sa, sb) for name, fn in PROVIDERS.items()}  # warm-up, and the check
     ours, ref = results["fusion_engine"], results["torch+scipy reference"]
-    same = all(torch.equal(ours[p], ref[p]) for p in spec.perm_sizes)
-    if not same:
-        raise AssertionError("fusion_engine and the reference found different permutations")
-    return times
+    if not all(torch.equal(ours[p], ref[p]) for p in spec.perm_sizes):
+        raise AssertionError(f"width {width}: fusion_engine and the reference found different permutations")
+    samples: dict[str, list[float]] = {name: [] for name in PROVIDERS}
+    for _ in range(repeats):
+        for name, fn in PROVIDERS.items():
+            t0 = time.perf_counter()
+            fn(spec, sa, sb)
+            samples[name].append(time.perf_counter() - t0)
+    return {name: (statistics.median(s), min(s)) for name, s in samples.items()}
 
 
 if pytest is not None:
@@ -107,16 +107,24 @@ if pytest is not None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--width", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--width", type=str, default="4", help="width multiplier(s), comma-separated, e.g. 1,4,8")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
-    times = time_providers(args.width, args.repeats)
-    ref = times["torch+scipy reference"]
-    print(f"weight_matching, ResNet-20 ×{args.width}, best of {args.repeats} (same permutations from both)\n")
-    print("| provider | time (ms) | speed-up vs reference |")
-    print("|---|---:|---:|")
-    for name, t in times.items():
-        print(f"| {name} | {t * 1e3:.1f} | {ref / t:.2f}× |")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    widths = [int(w) for w in args.width.split(",")]
+    print(f"weight_matching, ResNet-20, {args.repeats} alternating rounds, {torch.get_num_threads()} threads "
+          f"(same permutations from both, checked)\n")
+    print("| width | params | provider | median (ms) | min (ms) | speed-up (median) | speed-up (min) |")
+    print("|---:|---:|---|---:|---:|---:|---:|")
+    for width in widths:
+        times = time_providers(width, args.repeats)
+        ref_med, ref_min = times["torch+scipy reference"]
+        n_params = sum(p.numel() for p in resnet20(width).parameters())
+        for name, (med, low) in times.items():
+            print(f"| ×{width} | {n_params / 1e6:.2f} M | {name} | {med * 1e3:.1f} | {low * 1e3:.1f} | "
+                  f"{ref_med / med:.2f}× | {ref_min / low:.2f}× |")
 
 
 if __name__ == "__main__":

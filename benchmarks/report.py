@@ -42,6 +42,9 @@ def cpu_name() -> str:
     return platform.processor()
 
 
+MARKER = "<!-- sections below: written by the other benchmark scripts, kept by report.py -->"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ops", default=",".join(OPS))
@@ -100,8 +103,16 @@ def main() -> None:
                 f"{case.floor_passes}, {floor * 1e3:.1f} ms | {provider} | {t * 1e3:.1f} | "
                 f"{case.floor_bytes / t / 1e9:.1f} | {t / floor:.2f} | {speedup} |"
             )
+    # the merge-op table is the head of RESULTS.md; the sections below the marker come from the other
+    # report scripts (alignment, sinkhorn, checkpoints, ...) and are kept as they are
+    tail = MARKER + "\n"
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            old = f.read()
+        if MARKER in old:
+            tail = old[old.index(MARKER):]
     with open(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write("\n".join(lines) + "\n\n" + tail)
     print(f"wrote {args.out}")
 
 

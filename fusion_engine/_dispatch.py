@@ -99,6 +99,7 @@ def register(op: str, **paths: str) -> None:
     _REGISTRY[op] = dict(paths)
 
 
+@functools.lru_cache(maxsize=None)
 def _load(path: str) -> Callable:
     module, _, attr = path.partition(":")
     return getattr(importlib.import_module(module), attr)

@@ -17,6 +17,8 @@ bool fisher_merge(const FisherParams& p, int threads);
 void philox_words(uint32_t* out, int64_t n, uint64_t offset, uint32_t model, uint32_t stream, uint64_t seed,
                   int threads);
 
+// (The merge methods' private Gram-matrix kernel, cpu::inner_products, is declared in inner_products.h.)
+
 // Which SIMD clone the CPU runs: "avx512", "avx2" or "baseline".
 const char* simd_level();
 

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "inner_products.h"
 #include "kernel_common.h"
 #include "kernels.h"
 
@@ -137,6 +138,14 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release release;
     fe::cpu::philox_words(reinterpret_cast<uint32_t*>(out), n, offset, model, stream, seed, threads);
   });
+  m.def("inner_products", [](uintptr_t gram, const Ptrs& inputs, uintptr_t base, int dtype, int64_t n, int threads) {
+    auto in = as_pointers(inputs);
+    fe::InnerProductsParams p{in.data(), reinterpret_cast<const void*>(base), int32_t(in.size()), n, dtype_of(dtype),
+                              reinterpret_cast<double*>(gram)};
+    py::gil_scoped_release release;
+    return fe::cpu::inner_products(p, threads);
+  }, "K x K Gram matrix <x_i - b, x_j - b> (base = 0: none) into `gram` (float64); returns whether an input "
+     "held NaN/Inf");
   bind_linear_assignment(m);
   bind_sinkhorn(m);
 }

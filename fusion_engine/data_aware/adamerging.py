@@ -7,9 +7,10 @@
     \\qquad \\min_\\lambda\\; \\mathbb{E}_x\\, H\\big(\\mathrm{softmax}(f_{\\theta(\\lambda)}(x))\\big)
 
 with one coefficient per task (``mode="task"``: λ_{k,l} = λ_k) or per task and parameter tensor
-(``mode="layer"``). The merged weights come from one fused op per tensor and the coefficient
-gradient is ∂L/∂λ_{k,l} = ⟨∂L/∂θ_l, τ_{k,l}⟩, all k in one matrix-vector product: no per-task copy
-of any weight is made, forward or backward.
+(``mode="layer"``). Each merged tensor is one matrix-vector product θ_{0,l} + T_lᵀ λ_{·,l} over its
+task vectors stacked as T_l ∈ R^{K×n_l} (each τ read once, one write) and the coefficient gradient
+is ∂L/∂λ_{k,l} = ⟨∂L/∂θ_l, τ_{k,l}⟩, all k in one product T_l g_l: no per-task copy of any weight
+is made, forward or backward, and all L tensors form one autograd node.
 
 Reference: Yang et al., "AdaMerging: Adaptive Model Merging for Multi-Task Learning", ICLR 2024.
 """
@@ -31,6 +32,30 @@ from ._inputs import eval_mode, iterate_batches, module_device, state_dicts_of
 MODES = ("task", "layer")
 
 
+_BLAS_DTYPES = (torch.float32, torch.float64)
+
+
+def _merge_flat(base: torch.Tensor, stacked: torch.Tensor | None, rows, coefficients: torch.Tensor,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """b + Σ_k c_k τ_k for a flat b. fp32 / fp64 task vectors stacked as [K, n] (rows contiguous, any row
+    stride): one ``addmv`` (b + Tᵀc, T read once, no coefficient sync to the host); otherwise the fused
+    :func:`linear_merge` (fp32 accumulation for fp16 / bf16)."""
+    if stacked is not None and base.dtype in _BLAS_DTYPES:
+        c = coefficients.detach().to(base.dtype)
+        return torch.addmv(base, stacked.t(), c) if out is None else torch.addmv(base, stacked.t(), c, out=out)
+    merged = linear_merge([base, *rows], [1.0, *coefficients.detach().tolist()], normalize=False,
+                          check_finite=False)
+    return merged if out is None else out.copy_(merged)
+
+
+def _coefficient_gradient(stacked: torch.Tensor | None, rows, grad: torch.Tensor) -> torch.Tensor:
+    """⟨grad, τ_k⟩ for every k: one ``mv`` over the stacked [K, n] task vectors (each read once)."""
+    g = grad.reshape(-1).to(rows[0].dtype if stacked is None else stacked.dtype)
+    if stacked is not None:
+        return torch.mv(stacked, g)
+    return torch.stack([torch.dot(r, g) for r in rows])
+
+
 class _MergeWithCoefficients(torch.autograd.Function):
     """y = b + Σ_k c_k τ_k on flat tensors; backward: ∂L/∂c_k = ⟨∂L/∂y, τ_k⟩ (one pass), ∂L/∂b = ∂L/∂y."""
 
@@ -38,21 +63,46 @@ class _MergeWithCoefficients(torch.autograd.Function):
     def forward(ctx, base: torch.Tensor, coefficients: torch.Tensor, stacked: torch.Tensor | None, rows):
         ctx.stacked, ctx.rows = stacked, rows
         ctx.coefficient_dtype = coefficients.dtype
-        coeffs = [1.0, *coefficients.detach().tolist()]
-        return linear_merge([base, *rows], coeffs, normalize=False, check_finite=False)
+        return _merge_flat(base, stacked, rows, coefficients)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         grad_base = grad_out if ctx.needs_input_grad[0] else None
         grad_coefficients = None
         if ctx.needs_input_grad[1]:
-            g = grad_out.to(ctx.rows[0].dtype)
-            if ctx.stacked is not None:
-                grad_coefficients = torch.mv(ctx.stacked, g)     # [K, n] @ [n]: each τ_k read once
-            else:
-                grad_coefficients = torch.stack([torch.dot(r, g) for r in ctx.rows])
-            grad_coefficients = grad_coefficients.to(ctx.coefficient_dtype)
+            grad_coefficients = _coefficient_gradient(ctx.stacked, ctx.rows, grad_out).to(ctx.coefficient_dtype)
         return grad_base, grad_coefficients, None, None
+
+
+class _MergeModel(torch.autograd.Function):
+    """All L merged parameters θ_l = θ_{0,l} + Σ_k λ_{k,l} τ_{k,l} in one autograd node.
+
+    Forward: one ``addmv`` per tensor over its stacked task vectors [K, n_l] (K + 1 reads, one write),
+    into ``outs`` when given (buffers reused across optimisation steps). Backward: one ``mv`` per tensor,
+    ∂L/∂λ_{k,l} = ⟨∂L/∂θ_l, τ_{k,l}⟩, summed over l for task-wise λ [K], a column of λ [K, L] otherwise.
+    """
+
+    @staticmethod
+    def forward(ctx, coefficients: torch.Tensor, bases, stacked, layer_wise: bool, outs):
+        ctx.stacked, ctx.layer_wise, ctx.coefficient_dtype = stacked, layer_wise, coefficients.dtype
+        merged = []
+        for l, (base, tv) in enumerate(zip(bases, stacked)):
+            c = coefficients[:, l] if layer_wise else coefficients
+            flat = _merge_flat(base.reshape(-1), tv, None if tv.dtype in _BLAS_DTYPES else list(tv.unbind(0)), c,
+                               None if outs is None else outs[l])
+            merged.append(flat.view(base.shape))
+        return tuple(merged)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        stacked = ctx.stacked
+        K, L = stacked[0].shape[0], len(stacked)
+        per_tensor = torch.zeros((L, K), dtype=ctx.coefficient_dtype, device=stacked[0].device)
+        for l, (tv, g) in enumerate(zip(stacked, grads)):
+            if g is not None:
+                per_tensor[l] = _coefficient_gradient(tv, None, g)
+        grad = per_tensor.t() if ctx.layer_wise else per_tensor.sum(0)
+        return grad, None, None, None, None
 
 
 def merge_with_coefficients(base: torch.Tensor, task_vectors, coefficients: torch.Tensor) -> torch.Tensor:
@@ -64,10 +114,11 @@ def merge_with_coefficients(base: torch.Tensor, task_vectors, coefficients: torc
         \\frac{\\partial L}{\\partial c_k} = \\Big\\langle \\frac{\\partial L}{\\partial y}, \\tau_k \\Big\\rangle, \\qquad
         \\frac{\\partial L}{\\partial b} = \\frac{\\partial L}{\\partial y}
 
-    The forward pass is the fused :func:`fusion_engine.ops.linear_merge` (one read of each input,
-    one write); the backward pass computes all K inner products in one matrix-vector product over
-    the task vectors when they are given stacked (one read of each τ_k). The task vectors get no
-    gradient.
+    With the task vectors given stacked, in fp32 or fp64, the forward pass is one matrix-vector
+    product y = b + Tᵀc (``torch.addmv``: one read of each input, one write, no host sync on c);
+    otherwise it is the fused :func:`fusion_engine.ops.linear_merge` (fp32 accumulation for fp16 /
+    bf16). The backward pass computes all K inner products in one matrix-vector product Tg over the
+    stacked task vectors (one read of each τ_k). The task vectors get no gradient.
 
     Parameters
     ----------
@@ -151,9 +202,10 @@ def adamerging(pretrained: nn.Module, finetuned: Sequence, batches: Iterable, *,
 
     Adam (learning rate ``lr``) takes one step per batch, cycling through ``batches`` for ``steps``
     steps; after each step λ is projected onto ``clamp``. The model runs through
-    ``torch.func.functional_call`` with the merged parameters, which :func:`merge_with_coefficients`
-    builds from task vectors stacked once per parameter ([K, numel], the same memory as K task-vector
-    state dicts).
+    ``torch.func.functional_call`` with the merged parameters, built as in
+    :func:`merge_with_coefficients` from task vectors stacked once per parameter ([K, numel], the
+    same memory as K task-vector state dicts), all of them in one autograd node, into buffers reused
+    from step to step.
 
     Parameters
     ----------
@@ -199,19 +251,12 @@ def adamerging(pretrained: nn.Module, finetuned: Sequence, batches: Iterable, *,
     if steps:
         coefficients.requires_grad_(True)
         optimizer = torch.optim.Adam([coefficients], lr=lr)
+        bank = _Bank(names, bases, stacked)
         with eval_mode(pretrained):
             for step in range(steps):
                 x = data[step % len(data)].to(device)
-                params = _merged_parameters(names, bases, stacked, coefficients, mode)
-                logits = functional_call(pretrained, (params, buffers), (x,))
-                loss = _mean_entropy(where, logits)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if clamp is not None:
-                    with torch.no_grad():
-                        coefficients.clamp_(*clamp)
-                history.append(float(loss.detach()))
+                loss = _entropy_step(pretrained, buffers, bank, coefficients, mode, optimizer, clamp, x)
+                history.append(float(loss))
         coefficients = coefficients.detach()
     with torch.no_grad():
         merged = _merged_parameters(names, bases, stacked, coefficients, mode)
@@ -256,10 +301,34 @@ def _initial_coefficients(where: str, init, shape: tuple[int, ...], device) -> t
     return torch.full(shape, float(init), dtype=torch.float32, device=device)
 
 
-def _merged_parameters(names, bases, stacked, coefficients: torch.Tensor, mode: str) -> dict[str, torch.Tensor]:
-    return {name: merge_with_coefficients(base, tv.view(tv.shape[0], *base.shape),
-                                          coefficients if mode == "task" else coefficients[:, l])
-            for l, (name, base, tv) in enumerate(zip(names, bases, stacked))}
+class _Bank:
+    """The stacked task vectors of the merged parameters and the buffers their merged values are
+    written to (a step's merged weights are dead once its backward pass has run: their memory is
+    reused by the next step)."""
+
+    def __init__(self, names, bases, stacked):
+        self.names, self.bases, self.stacked = names, bases, stacked
+        self.outs = [torch.empty(b.numel(), dtype=b.dtype, device=b.device) for b in bases]
+
+
+def _entropy_step(pretrained, buffers, bank: _Bank, coefficients, mode: str, optimizer, clamp, x) -> torch.Tensor:
+    """One AdaMerging step: merge, forward, mean entropy, backward, Adam, projection; returns the loss."""
+    params = _merged_parameters(bank.names, bank.bases, bank.stacked, coefficients, mode, bank.outs)
+    loss = _mean_entropy("adamerging", functional_call(pretrained, (params, buffers), (x,)))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if clamp is not None:
+        with torch.no_grad():
+            coefficients.clamp_(*clamp)
+    return loss.detach()
+
+
+def _merged_parameters(names, bases, stacked, coefficients: torch.Tensor, mode: str, outs=None
+                       ) -> dict[str, torch.Tensor]:
+    """{name: θ_{0,l} + Σ_k λ_{k,l} τ_{k,l}}, differentiable in λ (one :class:`_MergeModel` node)."""
+    merged = _MergeModel.apply(coefficients, bases, stacked, mode == "layer", outs)
+    return dict(zip(names, merged))
 
 
 def _mean_entropy(where: str, logits) -> torch.Tensor:

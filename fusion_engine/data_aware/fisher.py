@@ -27,8 +27,10 @@ from ..errors import ConfigError, FusionEngineError, MissingTensorError, ShapeMi
 from ..ops import fisher_merge, linear_merge
 from ..ops import _common as C
 from ._inputs import accum_dtype, eval_mode, iterate_batches, module_device, state_dicts_of
+from ._per_example import LayerTaps
 
 FISHER_KINDS = ("empirical", "model")
+_BATCHED_BACKWARD_ELEMENTS = 1 << 24   # output gradients of one batched backward (kind="model")
 
 
 def _cross_entropy_per_example(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -101,6 +103,7 @@ def estimate_fisher(model: nn.Module, batches: Iterable, *, kind: str = "empiric
     buffers = {n: b.detach() for n, b in model.named_buffers()}
     device = module_device(model)
     sums = {n: torch.zeros(p.shape, dtype=accum_dtype(p.dtype), device=p.device) for n, p in params.items()}
+    taps = LayerTaps.for_model(model, params) if per_example else None
     count = 0
     with eval_mode(model):
         for x, y in iterate_batches(where, batches):
@@ -114,8 +117,12 @@ def estimate_fisher(model: nn.Module, batches: Iterable, *, kind: str = "empiric
                     raise ShapeMismatchError(f"{where}: a batch has {x.shape[0]} inputs but {y.shape[0]} targets")
             if x.shape[0] == 0:
                 continue
-            step = _per_example_step if per_example else _batch_step
-            step(model, params, buffers, x, y, kind, loss_fn, sums)
+            if per_example:
+                if taps is None or not taps.usable or not _factored_step(taps, model, params, buffers, x, y,
+                                                                           kind, loss_fn, sums):
+                    _per_example_step(model, params, buffers, x, y, kind, loss_fn, sums)
+            else:
+                _batch_step(model, params, buffers, x, y, kind, loss_fn, sums)
             count += x.shape[0]
     if count == 0:
         raise ConfigError(f"{where}: the batches hold no examples")
@@ -130,6 +137,45 @@ def _logits(where: str, model, params, buffers, x: torch.Tensor) -> torch.Tensor
         raise ConfigError(f"{where}: the model returned a {type(out).__name__}; it must return a tensor "
                           f"of outputs (wrap it to return the logits)")
     return out
+
+
+def _factored_step(taps: LayerTaps, model, params, buffers, x, y, kind, loss_fn, sums) -> bool:
+    """Σ_n g_n² for one batch from one batched forward and backward pass (:mod:`._per_example`): for
+    models whose parameters all sit in Linear / LayerNorm modules. Returns False, having added nothing,
+    when the forward pass does not allow it (then ``taps`` is switched off and vmap takes over)."""
+    where = "estimate_fisher"
+    leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}   # new leaves, same storage
+    n = x.shape[0]
+    with torch.enable_grad():
+        out = taps.run(lambda: _logits(where, model, leaves, buffers, x))
+        if kind == "empirical":
+            losses = loss_fn(out, y)
+            if not taps.consistent(n) or tuple(losses.shape) != (n,):
+                taps.usable = False       # e.g. a reducing loss_fn: vmap's one-example calls handle it
+                return False
+            grads = torch.autograd.grad(losses.sum(), taps.outputs(), allow_unused=True)
+            taps.accumulate([None if g is None else g.unsqueeze(0) for g in grads], None, sums)
+            return True
+        if out.dim() != 2:
+            raise ConfigError(f"{where}: kind='model' needs logits shaped [batch, classes]; the model "
+                              f"returned shape {tuple(out.shape)}")
+        if not taps.consistent(n):
+            taps.usable = False
+            return False
+        log_p = torch.log_softmax(out.to(accum_dtype(out.dtype)), -1)
+        prob = log_p.detach().exp()
+        outputs = taps.outputs()
+        classes = log_p.shape[1]
+        # Σ_c p_c (∇ log p_c)²: the C backward passes batched (is_grads_batched), a chunk of classes at a time
+        chunk = max(1, min(classes, _BATCHED_BACKWARD_ELEMENTS // max(1, n * taps.out_elements())))
+        eye = torch.eye(classes, dtype=log_p.dtype, device=log_p.device)
+        for c0 in range(0, classes, chunk):
+            c1 = min(classes, c0 + chunk)
+            seeds = eye[c0:c1, None, :].expand(c1 - c0, n, classes)
+            grads = torch.autograd.grad(log_p, outputs, grad_outputs=seeds, is_grads_batched=True,
+                                        allow_unused=True, retain_graph=c1 < classes)
+            taps.accumulate(grads, prob[:, c0:c1].t(), sums)
+    return True
 
 
 def _per_example_step(model, params, buffers, x, y, kind, loss_fn, sums) -> None:

@@ -42,7 +42,9 @@ def collect_gram(model: nn.Module, batches: Iterable, *, average: bool = False) 
 
     where X_m holds the inputs of Linear module m as rows (leading dimensions flattened: a
     ``[batch, tokens, in]`` input gives batch·tokens rows). Forward pre-hooks add each batch's XᵀX
-    into one running sum per module (``addmm_``); nothing is stored per batch.
+    into one running sum per module (``addmm_``); nothing is stored per batch. For inputs at least
+    ``_TRIANGLE_FROM`` wide only the block upper triangle of XᵀX is accumulated (block rows of
+    ``_block(in)`` columns: (b+1)/(2b) of the GEMM work for b blocks) and mirrored once at the end.
 
     Parameters
     ----------
@@ -80,10 +82,38 @@ def collect_gram(model: nn.Module, batches: Iterable, *, average: bool = False) 
     finally:
         for h in handles:
             h.remove()
+    for g in sums.values():
+        _mirror_upper(g)
     if average:
         for name, g in sums.items():
             g.div_(max(rows[name], 1))
     return {name: sums[name] for name in linears if name in sums}
+
+
+_TRIANGLE_FROM = 512   # input width from which the block upper triangle beats one full XᵀX GEMM
+
+
+def _block(width: int) -> int:
+    return 128 if width < 2048 else 256
+
+
+def _add_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """acc += XᵀX for x [rows, in]: the full GEMM, or, from ``_TRIANGLE_FROM`` columns on, only the
+    block upper triangle (block row i: X_iᵀ X_{i:}), completed later by :func:`_mirror_upper`."""
+    width = x.shape[1]
+    if width < _TRIANGLE_FROM:
+        acc.addmm_(x.t(), x)
+        return
+    b = _block(width)
+    for i in range(0, width, b):
+        acc[i:i + b, i:].addmm_(x[:, i:i + b].t(), x[:, i:])
+
+
+def _mirror_upper(acc: torch.Tensor) -> None:
+    """Complete a Gram accumulated by :func:`_add_gram`: its lower triangle becomes the mirror of the upper."""
+    if acc.shape[0] >= _TRIANGLE_FROM:
+        upper = torch.triu(acc)
+        acc.copy_(upper + torch.triu(acc, 1).t())
 
 
 def _gram_hook(name: str, module: nn.Linear, sums: dict, rows: dict, stop: bool = False):
@@ -94,7 +124,7 @@ def _gram_hook(name: str, module: nn.Linear, sums: dict, rows: dict, stop: bool 
         if name not in sums:
             sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
             rows[name] = 0
-        sums[name].addmm_(x.t(), x)
+        _add_gram(sums[name], x)
         rows[name] += x.shape[0]
         if stop:
             raise _StopForward
@@ -326,6 +356,7 @@ def _regmean_plus_plus(where: str, models, sds, alpha: float, batches, template)
                     handle.remove()
                 if name not in sums:
                     raise ConfigError(f"{where}: batches[{i}] never reach Linear {name!r}")
+                _mirror_upper(sums[name])
                 layer_grams.append(sums[name])
             key = _weight_key(name)
             (w,) = _solve_layers(where, [[sd[key] for sd in sds]], [layer_grams], alpha, [name])

@@ -13,27 +13,33 @@ from ..ops.philox import keep_threshold
 from ._marshal import CONSENSUS_CODES, RESCALE_CODES, code, empty_like_flat, ptrs
 
 
-def _threads() -> int:
-    return torch.get_num_threads()
+SERIAL_BELOW = 1 << 16   # elements: below this an OpenMP team costs more than it saves (and, on an
+                         # oversubscribed machine, its barrier can wait a whole time slice)
+
+
+def _threads(numel: int | None = None) -> int:
+    """torch's intra-op thread count; 1 for elementwise kernels on fewer than SERIAL_BELOW elements."""
+    return 1 if numel is not None and numel < SERIAL_BELOW else torch.get_num_threads()
 
 
 def linear_merge(tensors, coeffs, *, out_dtype):
     out = empty_like_flat(tensors[0], out_dtype)
     bad = _C.linear_merge(out.data_ptr(), code(out_dtype), ptrs(tensors), code(tensors[0].dtype), out.numel(),
-                          list(coeffs), _threads())
+                          list(coeffs), _threads(out.numel()))
     return out, bad
 
 
 def task_arithmetic(base, tensors, coeffs, *, out_dtype):
     out = empty_like_flat(base, out_dtype)
     bad = _C.task_arithmetic(out.data_ptr(), code(out_dtype), base.data_ptr(), ptrs(tensors), code(base.dtype),
-                             out.numel(), list(coeffs), _threads())
+                             out.numel(), list(coeffs), _threads(out.numel()))
     return out, bad
 
 
 def magnitude_mask(x, k, *, tie):
     out = torch.empty(x.numel(), dtype=torch.bool)
-    bad = _C.magnitude_mask(out.data_ptr(), x.data_ptr(), code(x.dtype), x.numel(), int(k), tie == "index", _threads())
+    bad = _C.magnitude_mask(out.data_ptr(), x.data_ptr(), code(x.dtype), x.numel(), int(k), tie == "index",
+                            _threads(x.numel()))
     return out, bad
 
 
@@ -41,7 +47,7 @@ def ties_merge(base, tensors, weights, ks, *, sign, sign_on, divisor, normalize,
     out = empty_like_flat(base, out_dtype)
     bad = _C.ties_merge(out.data_ptr(), code(out_dtype), base.data_ptr(), ptrs(tensors), code(base.dtype), out.numel(),
                         list(weights), list(ks), CONSENSUS_CODES[sign], sign_on == "weighted", divisor == "weights",
-                        normalize, lam, rescale == "l1", tie == "index", _threads())
+                        normalize, lam, rescale == "l1", tie == "index", _threads(out.numel()))
     return out, bad
 
 
@@ -51,15 +57,26 @@ def dare_merge(base, tensors, weights, densities, *, seed, stream, offset, conse
     bad = _C.dare_merge(out.data_ptr(), code(out_dtype), base.data_ptr(), ptrs(tensors), code(base.dtype), out.numel(),
                         list(weights), list(densities), [keep_threshold(d) for d in densities], seed, stream, offset,
                         RESCALE_CODES[rescale], CONSENSUS_CODES[consensus], sign_on == "weighted",
-                        divisor == "weights", normalize, lam, _threads())
+                        divisor == "weights", normalize, lam, _threads(out.numel()))
     return out, bad
 
 
 def fisher_merge(tensors, fishers, weights, *, eps, out_dtype):
     out = empty_like_flat(tensors[0], out_dtype)
     bad = _C.fisher_merge(out.data_ptr(), code(out_dtype), ptrs(tensors), ptrs(fishers), code(tensors[0].dtype),
-                          code(fishers[0].dtype), out.numel(), list(weights), eps, _threads())
+                          code(fishers[0].dtype), out.numel(), list(weights), eps,
+                          _threads(out.numel()))
     return out, bad
+
+
+def inner_products(tensors, base=None):
+    """The K×K float64 Gram matrix ⟨x_i − b, x_j − b⟩ (⟨x_i, x_j⟩ without a base) of flat contiguous
+    CPU tensors of one dtype, and whether any input held NaN/Inf (a private helper of the methods:
+    see fusion_engine.methods._common.inner_products)."""
+    gram = torch.empty(len(tensors), len(tensors), dtype=torch.float64)
+    bad = _C.inner_products(gram.data_ptr(), ptrs(tensors), 0 if base is None else base.data_ptr(),
+                            code(tensors[0].dtype), tensors[0].numel(), _threads())
+    return gram, bad
 
 
 def sinkhorn(cost, a, b, f, g, *, reg, max_iter, tol, check_every, with_plan):

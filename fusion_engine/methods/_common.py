@@ -1,17 +1,26 @@
-"""Helpers the method modules share: accurate chunked reductions, exact keep counts, deltas.
+"""Helpers the method modules share: Gram matrices in one read, NaN/Inf checks, cache-sized steps,
+exact keep counts, deltas.
 
-Reductions (norms, inner products) run over 1M-element chunks in the accumulation dtype (float32,
-float64 for float64), the chunk results summed in float64, so they need no full-size temporary and no K×N stack.
+Inner products: :func:`inner_products` (the C++ kernel on CPU; its torch reference, which runs
+over 1M-element chunks in the accumulation dtype with the chunk results summed in float64,
+elsewhere): no full-size temporary and no K×N stack.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from ..errors import ConfigError
+from .._dispatch import _probe
+from ..errors import ConfigError, NonFiniteError
 from ..ops._common import accum_dtype, flat
 
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 CHUNK = 1 << 20
+# elements per step of the elementwise methods on CPU: each temporary (0.5 MB in fp32) stays in L2,
+# and each op is still large enough for torch to split across its threads (grain 32768)
+CACHE_CHUNK = 1 << 17
 NORM_EPS = 1e-7  # mergekit's `rescaled_masked_tensor` eps
 
 
@@ -20,24 +29,82 @@ def chunks(n: int):
         yield start, min(n, start + CHUNK)
 
 
-def inner(a: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None = None) -> float:
-    """⟨a − base, b − base⟩ (or ⟨a, b⟩), the differences rounded to the inputs' dtype as a stored
-    task vector is; each chunk's dot product in the accumulation dtype, the chunks summed in float64."""
-    fa, fb = flat(a), flat(b)
-    fc = None if base is None else flat(base)
-    total = 0.0
-    for s, e in chunks(fa.numel()):
-        x, y = fa[s:e], fb[s:e]
-        if fc is not None:
-            x, y = x - fc[s:e], y - fc[s:e]
-        acc = accum_dtype(x.dtype)
-        total += float(torch.dot(x.to(acc), y.to(acc)))
-    return total
+def cache_chunks(n: int, device: torch.device):
+    """(start, end) steps of an elementwise method: CACHE_CHUNK entries on CPU, where a chain of
+    torch ops on cache-resident slices runs several times faster than on whole tensors (each op
+    a pass through memory); one step on other devices."""
+    step = CACHE_CHUNK if device.type == "cpu" else max(n, 1)
+    for start in range(0, n, step):
+        yield start, min(n, start + step)
 
 
-def norm(a: torch.Tensor, base: torch.Tensor | None = None) -> float:
-    """‖a − base‖₂ (or ‖a‖₂), like :func:`inner`."""
-    return max(0.0, inner(a, a, base)) ** 0.5
+def staged(src: torch.Tensor, buffer: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """src (a slice) in ``dtype``: itself when it has that dtype, else converted into ``buffer``."""
+    return src if src.dtype == dtype else buffer[:src.numel()].copy_(src)
+
+
+def inner_products_reference(tensors: list[torch.Tensor], base: torch.Tensor | None = None) -> torch.Tensor:
+    """The K×K float64 Gram matrix G_ij = ⟨x_i − b, x_j − b⟩ (⟨x_i, x_j⟩ without a base), the
+    differences rounded to the inputs' dtype as a stored task vector is; each chunk's dot products
+    in the accumulation dtype, the chunks summed in float64. Reads each input once per chunk."""
+    k = len(tensors)
+    gram = torch.zeros(k, k, dtype=torch.float64)
+    flats = [flat(t) for t in tensors]
+    fb = None if base is None else flat(base)
+    for s, e in chunks(flats[0].numel()):
+        parts = [f[s:e] if fb is None else f[s:e] - fb[s:e] for f in flats]
+        parts = [p.to(accum_dtype(p.dtype)) for p in parts]
+        for i in range(k):
+            for j in range(i, k):
+                gram[i, j] += float(torch.dot(parts[i], parts[j]))
+    return gram + gram.triu(1).T  # the lower triangle mirrors the upper
+
+
+def inner_products(tensors: list[torch.Tensor], base: torch.Tensor | None = None,
+                   backend: str | None = None) -> tuple[list[list[float]], bool]:
+    """(G, nonfinite): the Gram matrix of :func:`inner_products_reference` and whether an input (or
+    the base) holds NaN/Inf, in one read of each input.
+
+    CPU tensors run the private C++ kernel ``_C.inner_products`` (fp32 lane sums per 512-entry
+    block, fp64 across blocks, in a fixed order: independent of the thread count) unless the torch
+    backend is asked for; other devices run the torch reference.
+    """
+    requested = (backend or os.environ.get("FUSION_ENGINE_BACKEND") or "").lower()
+    flats = [flat(t) for t in tensors]
+    fb = None if base is None else flat(base)
+    if flats[0].device.type == "cpu" and requested in ("", "cpp") and _probe("cpp").usable:
+        from ..launchers import cpp
+
+        gram, nonfinite = cpp.inner_products(flats, fb)
+    else:
+        gram = inner_products_reference(flats, fb)
+        nonfinite = not bool(torch.isfinite(gram).all()) and any_nonfinite([*flats, *([] if fb is None else [fb])])
+    return gram.tolist(), bool(nonfinite)
+
+
+def holds_nonfinite(t: torch.Tensor) -> bool:
+    """Whether t holds NaN/Inf, in one read without a temporary: on CPU the flag of the C++
+    inner-products kernel; elsewhere a finite sum proves it does not, and only an infinite or NaN
+    sum (NaN/Inf entries, or an overflowing sum) runs the exact check."""
+    if not t.numel():
+        return False
+    if t.device.type == "cpu" and t.dtype in _KERNEL_DTYPES and _probe("cpp").usable:
+        from ..launchers import cpp
+
+        return bool(cpp.inner_products([flat(t)])[1])
+    total = t.sum(dtype=accum_dtype(t.dtype))
+    return not bool(torch.isfinite(total)) and not bool(torch.isfinite(t).all())
+
+
+def any_nonfinite(tensors: list[torch.Tensor]) -> bool:
+    return any(holds_nonfinite(t) for t in tensors)
+
+
+def require_finite(group, nonfinite: bool) -> None:
+    """Raise NonFiniteError when a reduction saw NaN/Inf and the group asks for the check (the
+    merge API then names the offending inputs)."""
+    if nonfinite and group.check_finite:
+        raise NonFiniteError(f"{group.name or 'merge'}: an input holds NaN or Inf values")
 
 
 def delta(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -63,22 +130,14 @@ def mergekit_topk_count(density: float, n: int) -> int:
     return max(1, int(density * n))
 
 
-def l1_rescale(values: torch.Tensor, kept: torch.Tensor) -> float:
-    """‖values‖₁ / ‖values ⊙ kept‖₁, or 1 when either is below 1e-7 (mergekit's L1 rescale)."""
-    before = 0.0
-    after = 0.0
-    fv, fk = flat(values), flat(kept)
-    for s, e in chunks(fv.numel()):
-        v = fv[s:e].to(torch.float64).abs()
-        before += float(v.sum())
-        after += float((v * fk[s:e]).sum())
+def l1_rescale(values: torch.Tensor, kept_values: torch.Tensor) -> float:
+    """‖values‖₁ / ‖kept_values‖₁ (kept_values = values ⊙ mask), or 1 when either is below 1e-7
+    (mergekit's L1 rescale). Each norm is one float64 reduction, no temporary."""
+    before = float(torch.linalg.vector_norm(values, 1, dtype=torch.float64))
+    after = float(torch.linalg.vector_norm(kept_values, 1, dtype=torch.float64))
     if before < NORM_EPS or after < NORM_EPS:
         return 1.0
     return before / after
-
-
-def as_acc(t: torch.Tensor) -> torch.Tensor:
-    return t.to(accum_dtype(t.dtype))
 
 
 def nonzero_sum_weights(method: str, weights: list[float]) -> list[float]:

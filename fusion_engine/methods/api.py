@@ -25,8 +25,11 @@ import torch
 from ..errors import (ConfigError, DeviceMismatchError, DTypeMismatchError, MissingTensorError, NonFiniteError,
                       ShapeMismatchError)
 from . import registry as R
+from ._common import holds_nonfinite
 
-CHECKED_BY_OPS = {"linear", "fisher", "task_arithmetic", "ties", "dare_ties", "dare_linear"}
+# methods whose fused ops or reductions report NaN/Inf inputs themselves (one pass fewer)
+CHECKED_BY_OPS = {"linear", "fisher", "task_arithmetic", "ties", "dare_ties", "dare_linear",
+                  "slerp", "nuslerp", "multislerp", "karcher", "model_stock"}
 
 
 class PerGroupValues:
@@ -65,7 +68,7 @@ def _check_tensors(method: str, tensors: list, ids: list, label: str) -> None:
 
 
 def _nonfinite(tensors: list[torch.Tensor], ids: list) -> list:
-    return [key for key, t in zip(ids, tensors) if t.numel() and not bool(torch.isfinite(t).all())]
+    return [key for key, t in zip(ids, tensors) if holds_nonfinite(t)]
 
 
 def _raise_nonfinite(method: str, label: str, bad: list, cause: Exception | None = None):

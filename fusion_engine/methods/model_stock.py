@@ -8,12 +8,15 @@ With δ_i = x_i − b (K ≥ 2 of them), cos θ = the mean over pairs i < j of
 
 (t = 0 where |1 + (K−1) cos θ| < 1e-6). With ``filter_wise`` the angle and t are computed per
 row (last dim; a 1-D tensor is one row), else over the whole tensor. The whole-tensor form is
-K(K+1)/2 chunked inner products and one fused linear_merge pass.
+two passes: the Gram matrix of the δ_i (:func:`_common.inner_products`, one read of every input)
+and one fused linear_merge.
 
 Reference: Jang et al., "Model Stock: All we need is just a few fine-tuned models", ECCV 2024.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -36,11 +39,16 @@ def merge_model_stock(group: Group, *, filter_wise: bool) -> torch.Tensor:
     base, xs = group.base, group.non_base
     count = len(xs)
     if not filter_wise:
-        norms = [M.norm(x, base) for x in xs]
-        cosines = [max(-1.0, min(1.0, M.inner(xs[i], xs[j], base) / max(norms[i] * norms[j], 1e-6)))
+        gram, nonfinite = M.inner_products(xs, base, group.backend)
+        M.require_finite(group, nonfinite)
+        norms = [max(0.0, gram[i][i]) ** 0.5 for i in range(count)]
+        cosines = [max(-1.0, min(1.0, gram[i][j] / max(norms[i] * norms[j], 1e-6)))
                    for i in range(count) for j in range(i + 1, count)]
         t = stock_ratio(sum(cosines) / len(cosines), count)
+        if math.isnan(t):  # NaN inputs merged with check_finite=False
+            return torch.full_like(base, math.nan, dtype=group.out_dtype)
         return linear_merge([base, *xs], [1.0 - t] + [t / count] * count, normalize=False, **group.ops_kwargs)
+    M.require_finite(group, M.any_nonfinite(group.tensors))
     acc = accum_dtype(base.dtype)
     rows = (lambda v: v.unsqueeze(0)) if base.dim() <= 1 else (lambda v: v)  # noqa: E731
     b = rows(base).to(acc)

@@ -54,8 +54,9 @@ def merge_sce(group: Group, *, int8_mask: bool, select_topk: float) -> torch.Ten
     else:
         kept = None
     acc = accum_dtype(base.dtype)
-    energies = [float(M.inner(v, v)) / max(1, base.numel()) for v in kept] if kept is not None else \
-        [M.inner(x, x, base) / max(1, base.numel()) for x in xs]
+    gram, _ = M.inner_products(kept, None, group.backend) if kept is not None else \
+        M.inner_products(xs, base, group.backend)  # one read of every input; the diagonal is used
+    energies = [gram[i][i] / max(1, base.numel()) for i in range(len(xs))]
     total = sum(energies)
     weights = [1.0 / len(xs)] * len(xs) if abs(total) < 1e-6 else [e / total for e in energies]
     options = dict(sign="sum", sign_on="unweighted", divisor="weights", normalize=True, lam=1.0, tie="index")
@@ -63,7 +64,7 @@ def merge_sce(group: Group, *, int8_mask: bool, select_topk: float) -> torch.Ten
         return ties_merge(base, xs, weights, 1.0, **options, **group.ops_kwargs)
     mixed = ties_merge(torch.zeros_like(base), kept, weights, 1.0, **options, out_dtype=acc,
                        check_finite=group.check_finite, backend=group.backend)
-    return (base.to(acc) + mixed).to(group.out_dtype)
+    return mixed.view(base.shape).add_(base).to(group.out_dtype)
 
 
 SCE = register(Method(

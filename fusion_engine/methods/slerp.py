@@ -1,8 +1,9 @@
 """Spherical methods: ``slerp``, ``nuslerp``, ``multislerp``, ``karcher`` (mergekit 0.1.5 semantics).
 
-Each reduces the inputs to a few inner products (chunked, accumulated in float64), computes the
-interpolation coefficients on the host, and writes the result with one fused
-:func:`linear_merge` / :func:`task_arithmetic` pass. No K×N stack is built.
+Each reduces the inputs to their K×K Gram matrix (:func:`_common.inner_products`: one read of
+every input, fp32 lane sums per block, fp64 across blocks), computes the interpolation
+coefficients on the host, and writes the result with one fused :func:`linear_merge` /
+:func:`task_arithmetic` pass: two passes over the data in all, no K×N stack.
 
 * **slerp** (base + one input; t): a = base, b = other, both flattened;
   cos θ = ⟨a/‖a‖, b/‖b‖⟩ (norms ≤ 1e-8 read as 1), clamped to [−1, 1];
@@ -12,7 +13,8 @@ interpolation coefficients on the host, and writes the result with one fused
   (``nuslerp_flatten``, default), over each row (last dim), or over each column
   (``nuslerp_row_wise``); lerp where 1 − cos²θ ≤ 1e-16; y = b + result.
 * **multislerp** (≥1 non-base inputs, weights, optional base): v_i = x_i − b, n_i = ‖v_i‖,
-  weights normalized to sum 1; m = Σ w_i v_i/(n_i + ε), y = b + (Σ w_i n_i) · m/‖m‖.
+  weights normalized to sum 1; m = Σ w_i v_i/(n_i + ε), y = b + (Σ w_i n_i) · m/‖m‖
+  (‖m‖² = cᵀGc with c_i = w_i/(n_i + ε) and G the Gram matrix of the v_i: m is never built).
   (mergekit's tangent-space step is a no-op here: the tangent of the weighted mean at its own
   direction vanishes; only its rounding noise, ~1e-7, differs.)
 * **karcher** (all inputs, uniform weights 1/K): the weighted Karcher (Fréchet) mean of the unit
@@ -38,9 +40,12 @@ SLERP_EPS = 1e-8
 DOT_THRESHOLD = 0.9995
 
 
-def _combine(group: Group, xs: list[torch.Tensor], coeffs: list[float]) -> torch.Tensor:
-    """b + Σ c_i (x_i − b) with a base, Σ c_i x_i without: one fused pass."""
-    if group.base is not None:
+def _combine(group: Group, xs: list[torch.Tensor], coeffs: list[float], *, over_base: bool = True) -> torch.Tensor:
+    """b + Σ c_i (x_i − b) with a base (and ``over_base``), Σ c_i x_i without: one fused pass.
+    NaN coefficients (NaN inputs merged with check_finite=False) give an all-NaN result."""
+    if any(math.isnan(c) for c in coeffs):
+        return torch.full_like(xs[0], math.nan, dtype=group.out_dtype)
+    if over_base and group.base is not None:
         return task_arithmetic(group.base, xs, coeffs, **group.ops_kwargs)
     return linear_merge(xs, coeffs, normalize=False, **group.ops_kwargs)
 
@@ -53,15 +58,32 @@ def slerp_coefficients(t: float, cos_theta: float, colinear: bool) -> tuple[floa
     return math.sin((1.0 - t) * theta) / s, math.sin(t * theta) / s
 
 
+def _gram(group: Group, xs: list[torch.Tensor], base: torch.Tensor | None) -> list[list[float]]:
+    """The Gram matrix of the xs (minus base), NaN/Inf inputs reported unless check_finite=False."""
+    gram, nonfinite = M.inner_products(xs, base, group.backend)
+    M.require_finite(group, nonfinite)
+    return gram
+
+
+def _root(square: float) -> float:
+    """√max(0, x), NaN kept (so check_finite=False propagates NaN inputs)."""
+    return square if math.isnan(square) else math.sqrt(max(0.0, square))
+
+
+def _norms(gram: list[list[float]]) -> list[float]:
+    return [_root(gram[i][i]) for i in range(len(gram))]
+
+
 def merge_slerp(group: Group, *, t: float) -> torch.Tensor:
     a = group.base
     (b,) = group.non_base
-    norm_a, norm_b = M.norm(a), M.norm(b)
+    gram = _gram(group, [a, b], None)
+    norm_a, norm_b = _norms(gram)
     norm_a = norm_a if norm_a > SLERP_EPS else 1.0
     norm_b = norm_b if norm_b > SLERP_EPS else 1.0
-    cos_theta = min(1.0, max(-1.0, M.inner(a, b) / (norm_a * norm_b)))
+    cos_theta = min(1.0, max(-1.0, gram[0][1] / (norm_a * norm_b)))
     ca, cb = slerp_coefficients(t, cos_theta, abs(cos_theta) > DOT_THRESHOLD)
-    return linear_merge([a, b], [ca, cb], normalize=False, **group.ops_kwargs)
+    return _combine(group, [a, b], [ca, cb], over_base=False)
 
 
 def merge_nuslerp(group: Group, *, weight: list[float], nuslerp_row_wise: bool, nuslerp_flatten: bool) -> torch.Tensor:
@@ -70,11 +92,13 @@ def merge_nuslerp(group: Group, *, weight: list[float], nuslerp_row_wise: bool, 
     total = sum(weight)
     t = 0.5 if abs(total) < 1e-6 else weight[1] / total
     if nuslerp_flatten or x0.dim() <= 1:
-        n0, n1 = max(M.norm(x0, base), 1e-7), max(M.norm(x1, base), 1e-7)
-        cos_theta = min(1.0, max(-1.0, M.inner(x0, x1, base) / (n0 * n1)))
+        gram = _gram(group, [x0, x1], base)
+        n0, n1 = (max(n, 1e-7) for n in _norms(gram))
+        cos_theta = min(1.0, max(-1.0, gram[0][1] / (n0 * n1)))
         c0, c1 = slerp_coefficients(t, cos_theta, 1.0 - cos_theta * cos_theta <= SLERP_EPS ** 2)
         return _combine(group, [x0, x1], [c0, c1])
     # one SLERP per row (last dim) or per column (dim 0, nuslerp_row_wise), in the accumulation dtype
+    M.require_finite(group, M.any_nonfinite(group.tensors))
     acc = accum_dtype(x0.dtype)
     v0, v1 = (x0, x1) if base is None else (M.delta(x0, base), M.delta(x1, base))
     v0, v1 = v0.to(acc), v1.to(acc)
@@ -99,18 +123,13 @@ def merge_nuslerp(group: Group, *, weight: list[float], nuslerp_row_wise: bool, 
 def merge_multislerp(group: Group, *, weight: list[float], normalize_weights: bool, eps: float) -> torch.Tensor:
     xs, base = group.non_base, group.base
     if len(xs) == 1:
+        M.require_finite(group, M.any_nonfinite(group.tensors))
         return xs[0].to(group.out_dtype)
     w = M.nonzero_sum_weights("multislerp", weight) if normalize_weights else list(weight)
-    norms = [M.norm(x, base) for x in xs]
+    gram = _gram(group, xs, base)
+    norms = _norms(gram)
     unit_coeffs = [wi / (n + eps) for wi, n in zip(w, norms)]
-    acc = accum_dtype(xs[0].dtype)
-    if base is None:
-        mean = linear_merge(xs, unit_coeffs, normalize=False, out_dtype=acc, check_finite=group.check_finite,
-                            backend=group.backend)
-    else:
-        mean = linear_merge([*xs, base], [*unit_coeffs, -sum(unit_coeffs)], normalize=False, out_dtype=acc,
-                            check_finite=group.check_finite, backend=group.backend)
-    mean_norm = M.norm(mean)
+    mean_norm = _root(sum(ci * gij * cj for ci, row in zip(unit_coeffs, gram) for gij, cj in zip(row, unit_coeffs)))
     if mean_norm < eps:
         if len(xs) == 2:  # mergekit's fallback: the weighted sum of the (task) vectors
             return _combine(group, xs, w)
@@ -159,19 +178,23 @@ def karcher_coefficients(gram: list[list[float]], alphas: list[float], max_iter:
 def merge_karcher(group: Group, *, max_iter: int, tol: float) -> torch.Tensor:
     xs = group.tensors
     if len(xs) == 1:
+        M.require_finite(group, M.any_nonfinite(group.tensors))
         return xs[0].to(group.out_dtype)
     alphas = [1.0 / len(xs)] * len(xs)
-    norms = [M.norm(x) for x in xs]
+    inner = _gram(group, xs, None)
+    norms = _norms(inner)
+    if any(math.isnan(n) for n in norms):  # NaN inputs merged with check_finite=False
+        return torch.full_like(xs[0], math.nan, dtype=group.out_dtype)
     valid = [i for i, n in enumerate(norms) if n > tol]
     if not valid:
         return torch.zeros_like(xs[0], dtype=group.out_dtype)
     alpha_sum = sum(alphas[i] for i in valid)
     valid_alphas = [alphas[i] / alpha_sum for i in valid]
-    gram = [[M.inner(xs[i], xs[j]) / (norms[i] * norms[j]) for j in valid] for i in valid]
+    gram = [[inner[i][j] / (norms[i] * norms[j]) for j in valid] for i in valid]
     c = karcher_coefficients(gram, valid_alphas, max_iter, tol)
     scale = sum(a * n for a, n in zip(alphas, norms))
-    return linear_merge([xs[i] for i in valid], [scale * cj / norms[i] for cj, i in zip(c, valid)],
-                        normalize=False, **group.ops_kwargs)
+    return _combine(group, [xs[i] for i in valid], [scale * cj / norms[i] for cj, i in zip(c, valid)],
+                    over_base=False)
 
 
 register(Method(

@@ -41,6 +41,7 @@ Davari & Belilovsky 2024 (breadcrumbs), Deep et al. 2024 (DELLA).
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -137,16 +138,16 @@ def combine(group: Group, kept: list[torch.Tensor], weights: list[float], consen
     mixed = ties_merge(torch.zeros_like(base), kept, weights, 1.0, sign=consensus, sign_on="weighted",
                        divisor="weights", normalize=normalize, lam=lam, tie="index", out_dtype=acc,
                        check_finite=group.check_finite, backend=group.backend)
-    return (base.to(acc) + mixed).to(group.out_dtype)
+    return mixed.view(base.shape).add_(base).to(group.out_dtype)
 
 
 def _rescaled(d: torch.Tensor, keep: torch.Tensor, rescale: bool) -> torch.Tensor:
-    """d ⊙ keep, times ‖d‖₁/‖d ⊙ keep‖₁ when ``rescale``, in d's dtype."""
-    kept = d * keep.to(d.dtype)
-    if not rescale:
-        return kept
-    factor = M.l1_rescale(d, keep)
-    return kept if factor == 1.0 else (kept.to(accum_dtype(d.dtype)) * factor).to(d.dtype)
+    """d ⊙ keep, times ‖d‖₁/‖d ⊙ keep‖₁ when ``rescale``, in d's dtype (the product computed in
+    the accumulation dtype and rounded once, in place in the fresh masked tensor)."""
+    kept = d * keep
+    if rescale and (factor := M.l1_rescale(d, kept)) != 1.0:
+        kept.mul_(factor)
+    return kept
 
 
 def breadcrumbs_keep(d: torch.Tensor, density: float, gamma: float, backend: str | None = None) -> torch.Tensor:
@@ -190,11 +191,27 @@ def della_keep_probability(d: torch.Tensor, density: float, epsilon: float) -> t
 
 
 def della_keep(d: torch.Tensor, density: float, epsilon: float, *, seed: int, stream: int, model: int) -> torch.Tensor:
-    """Bool mask: entry j kept when its Philox word u_j < floor(p_j · 2^32)."""
-    prob = della_keep_probability(d, density, epsilon).reshape(-1)
-    threshold = torch.floor(prob * 4294967296.0).to(torch.int64)
-    words = random_words(d.numel(), seed=seed, stream=stream, model=model, device=d.device)
-    return (words < threshold).reshape(d.shape)
+    """Bool mask: entry j kept when its Philox word u_j < floor(p_j · 2^32), p_j of
+    :func:`della_keep_probability`.
+
+    One stable sort per row: the thresholds depend only on the rank, so they are a table of c
+    values compared with the words gathered in sorted order, and the result is scattered back
+    (no second sort to invert the permutation, no float64 tensor of probabilities).
+    """
+    rows = d.unsqueeze(0) if d.dim() < 2 else d
+    words = random_words(d.numel(), seed=seed, stream=stream, model=model, device=d.device).reshape(rows.shape)
+    columns = rows.shape[1]
+    if columns < 2:
+        return (words < math.floor(density * 4294967296.0)).reshape(d.shape)
+    magnitudes = rows.abs()
+    if magnitudes.dtype in (torch.float16, torch.bfloat16):
+        magnitudes = magnitudes.float()  # exact; float32 sorts faster
+    order = torch.argsort(magnitudes, dim=1, stable=True)
+    ranks = torch.arange(columns, dtype=torch.float64, device=d.device)
+    prob = (density - epsilon) + (ranks / (columns - 1)).clamp(0, 1) * (2 * epsilon)
+    table = torch.floor(prob * 4294967296.0).to(torch.int64).view([1, columns] + [1] * (rows.dim() - 2))
+    keep_sorted = words.gather(1, order) < table
+    return torch.empty(rows.shape, dtype=torch.bool, device=d.device).scatter_(1, order, keep_sorted).reshape(d.shape)
 
 
 def check_della(method: str, p: dict) -> None:

@@ -87,7 +87,10 @@ def cost_matrix(x: torch.Tensor, y: torch.Tensor, *, metric: str = "sqeuclidean"
         raise C.DeviceMismatchError(f"{OP}: y is on {y.device} but x is on {x.device}; move them to one device first")
     xb, yb = (x, y) if x.dim() == 3 else (x.unsqueeze(0), y.unsqueeze(0))
     _, kernel = resolve(OP, x.device, x.dtype, backend)
-    with torch.no_grad():
+    if x.requires_grad or y.requires_grad:
+        with torch.no_grad():
+            out = kernel(xb, yb, metric=metric)
+    else:  # entering no_grad costs more than a small product
         out = kernel(xb, yb, metric=metric)
     return out if x.dim() == 3 else out[0]
 
@@ -99,8 +102,10 @@ def cost_matrix_reference(x: torch.Tensor, y: torch.Tensor, *, metric: str) -> t
     CPU path: torch's GEMM is the fastest there is)."""
     acc = C.accum_dtype(x.dtype)
     xa, ya = x.to(acc), y.to(acc)
-    if metric == "inner":
-        cost = torch.bmm(xa, ya.transpose(1, 2)).neg_()
+    # The epilogue is folded into the GEMM's alpha/beta where it is affine: a separate pass over C is
+    # one more parallel region, which on a busy machine can wait a whole scheduler slice for its threads.
+    if metric == "inner":  # −x yᵀ: alpha = −1, beta = 0 (the 0-dim input is never read)
+        cost = torch.baddbmm(xa.new_zeros(()), xa, ya.transpose(1, 2), beta=0, alpha=-1)
     elif metric in ("sqeuclidean", "euclidean"):
         x_sq = (xa * xa).sum(-1)
         y_sq = (ya * ya).sum(-1)
@@ -111,7 +116,7 @@ def cost_matrix_reference(x: torch.Tensor, y: torch.Tensor, *, metric: str) -> t
     else:  # cosine, correlation: 1 − ⟨x_i/‖x_i‖, y_j/‖y_j‖⟩ of the (centred) rows
         if metric == "correlation":
             xa, ya = _centred(xa), _centred(ya)
-        cost = torch.bmm(_unit_rows(xa), _unit_rows(ya).transpose(1, 2)).neg_().add_(1).clamp_(0, 2)
+        cost = torch.baddbmm(xa.new_ones(()), _unit_rows(xa), _unit_rows(ya).transpose(1, 2), alpha=-1).clamp_(0, 2)
     return cost.to(x.dtype)
 
 

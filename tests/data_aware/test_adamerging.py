@@ -58,6 +58,22 @@ def test_fp32_forward_uses_fp32_and_matches():
     torch.testing.assert_close(y, base + (c.detach()[:, None] * taus).sum(0))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("stacked", [True, False])
+def test_half_precision_accumulates_in_fp32(dtype, stacked):
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(50, generator=g).to(dtype)
+    taus = torch.randn(3, 50, generator=g).to(dtype)
+    c = torch.tensor([0.3, -0.7, 1.1], requires_grad=True)
+    y = merge_with_coefficients(base, taus if stacked else list(taus.unbind(0)), c)
+    assert y.dtype == dtype
+    exact = base.float() + (c.detach()[:, None] * taus.float()).sum(0)
+    torch.testing.assert_close(y, exact.to(dtype), rtol=0, atol=0)
+    upstream = torch.randn(50, generator=g).to(dtype)
+    (y.float() * upstream.float()).sum().backward()
+    torch.testing.assert_close(c.grad, taus.float() @ upstream.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_merge_with_coefficients_errors():
     base = torch.zeros(3)
     with pytest.raises(ConfigError, match="one per task vector"):
@@ -133,6 +149,29 @@ def test_adamerging_matches_plain_reimplementation(mode):
         want = pre.state_dict()[name] + sum(coeff[k].to(D) * (fts[k].state_dict()[name] - pre.state_dict()[name])
                                            for k in range(3))
         torch.testing.assert_close(result.state_dict[name], want)
+
+
+def test_parameters_the_loss_does_not_reach_keep_their_coefficients():
+    class WithSpare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(4)
+            self.net = mlp(4)
+            self.spare = nn.Linear(2, 2).to(D)   # never called: its θ_l gets no gradient
+
+        def forward(self, x):
+            return self.net(x)
+
+    pre = WithSpare()
+    fts = finetuned_from(pre, 2)
+    xs = [torch.randn(5, 6, generator=torch.Generator().manual_seed(6), dtype=D)]
+    result = adamerging(pre, fts, xs, mode="layer", steps=3, lr=0.05, init=0.3)
+    assert result.parameter_names[-2:] == ["spare.weight", "spare.bias"]
+    torch.testing.assert_close(result.coefficients[:, -2:], torch.full((2, 2), 0.3))
+    assert not torch.allclose(result.coefficients[:, :4], torch.full((2, 4), 0.3))
+    task = adamerging(pre, fts, xs, mode="task", steps=3, lr=0.05, init=0.3)
+    plain = adamerging(pre.net, [m.net for m in fts], xs, mode="task", steps=3, lr=0.05, init=0.3)
+    torch.testing.assert_close(task.coefficients, plain.coefficients)
 
 
 def test_entropy_decreases_and_clamp_holds():

@@ -88,6 +88,86 @@ def test_streamed_batches_equal_one_batch():
     assert_dicts_close(streamed, estimate_fisher(model, [(x, y)]))
 
 
+# ---------------------------------------------------------------------------------------------
+# the factored Linear / LayerNorm path and its fallback to vmap
+
+
+class TokenNet(nn.Module):
+    """[N, T, 5] tokens → LayerNorm → Linear → GELU → mean over tokens → Linear: logits [N, 4]."""
+
+    def __init__(self, seed=0, inplace_after_linear=False, reuse_linear=False, tie=False):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.norm = nn.LayerNorm(5)
+        self.inner = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 4)
+        with torch.no_grad():  # LayerNorm starts at (1, 0): move it so its gradients are generic
+            self.norm.weight.add_(0.3 * torch.randn(5))
+            self.norm.bias.add_(0.3 * torch.randn(5))
+        if tie:
+            self.head.weight = nn.Parameter(self.inner.weight[:4].clone())
+            self.tied = nn.Linear(5, 4)
+            self.tied.weight = self.head.weight
+        self.inplace_after_linear, self.reuse_linear, self.tie = inplace_after_linear, reuse_linear, tie
+        self.double()
+
+    def forward(self, x):
+        h = self.inner(self.norm(x))
+        h = h.relu_() if self.inplace_after_linear else F.gelu(h)
+        if self.reuse_linear:
+            h = self.inner(h)
+        out = self.head(h.mean(1))
+        return out + self.tied(h.mean(1)) if self.tie else out
+
+
+def token_data(n, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 5, generator=g, dtype=torch.float64), torch.randint(0, 4, (n,), generator=g)
+
+
+@pytest.mark.parametrize("variant", [{}, {"inplace_after_linear": True}, {"reuse_linear": True}, {"tie": True}])
+def test_token_models_equal_loop_over_single_examples(variant):
+    """Tokens and LayerNorm take the factored path; in-place ops on a Linear's output, a Linear called
+    twice and tied weights fall back to vmap: all equal the loop over single examples."""
+    model = TokenNet(**variant)
+    x, y = token_data(6)
+    assert_dicts_close(estimate_fisher(model, [(x[:4], y[:4]), (x[4:], y[4:])]), empirical_by_loop(model, x, y))
+    assert_dicts_close(estimate_fisher(model, [x[:2], x[2:]], kind="model"), model_fisher_by_loop(model, x))
+
+
+def test_factored_path_is_taken_and_equals_vmap(monkeypatch):
+    from fusion_engine.data_aware import fisher as fisher_module
+
+    x, y = token_data(5)
+    model = TokenNet(4)
+    vmap_calls = []
+    original = fisher_module._per_example_step
+    monkeypatch.setattr(fisher_module, "_per_example_step", lambda *a: (vmap_calls.append(1), original(*a)))
+    fast = estimate_fisher(model, [(x, y)])
+    fast_model = estimate_fisher(model, [x], kind="model")
+    assert vmap_calls == []                                   # Linear + LayerNorm only: no vmap
+    monkeypatch.setattr(fisher_module.LayerTaps, "for_model", classmethod(lambda cls, m, p: None))
+    assert_dicts_close(fast, estimate_fisher(model, [(x, y)]))
+    assert_dicts_close(fast_model, estimate_fisher(model, [x], kind="model"))
+    assert len(vmap_calls) == 2
+
+
+def test_models_with_other_layers_use_vmap_and_stay_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(6, 3)).double()
+    x = torch.randn(5, 1, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+    assert_dicts_close(estimate_fisher(model, [(x, y)]), empirical_by_loop(model, x, y))
+
+
+def test_reducing_loss_fn_falls_back_to_single_example_calls():
+    """A loss_fn that averages over the batch equals the per-example loss on single examples (vmap's
+    calls); the factored path needs one loss per example, so it steps aside."""
+    model = small_net(8)
+    x, y = data(7)
+    assert_dicts_close(estimate_fisher(model, [(x, y)], loss_fn=F.cross_entropy), empirical_by_loop(model, x, y))
+
+
 def test_fp32_model_gives_fp32_fisher_close_to_fp64():
     model64 = small_net(5)
     model32 = copy.deepcopy(model64).float()

@@ -43,6 +43,38 @@ def test_collect_gram_flattens_token_dimensions():
     torch.testing.assert_close(collect_gram(model, [x])["0"], flat.T @ flat)
 
 
+def test_wide_inputs_accumulate_the_block_triangle_and_mirror_it(monkeypatch):
+    """From _TRIANGLE_FROM columns on only block rows X_iᵀ X_{i:} are accumulated: the mirrored result
+    is XᵀX, exactly symmetric, for sums, averages, tokens and RegMean++ (thresholds lowered to test
+    small widths; one real width of 512 too)."""
+    from fusion_engine.data_aware import regmean as regmean_module
+
+    wide = nn.Sequential(nn.Linear(512, 3)).to(D)
+    x = inputs(6, 512, 5)
+    g = collect_gram(wide, [x[:2], x[2:]])["0"]
+    torch.testing.assert_close(g, x.T @ x)
+    assert torch.equal(g, g.T)
+    monkeypatch.setattr(regmean_module, "_TRIANGLE_FROM", 4)
+    monkeypatch.setattr(regmean_module, "_block", lambda width: 3)
+    model = nn.Sequential(nn.Linear(7, 5), nn.ReLU(), nn.Linear(5, 2)).to(D)
+    x = inputs(12, 7, 6).view(3, 4, 7)
+    grams = collect_gram(model, [x[:1], x[1:]])
+    flat = x.reshape(-1, 7)
+    h = torch.relu(model[0](flat)).detach()
+    torch.testing.assert_close(grams["0"], flat.T @ flat)
+    torch.testing.assert_close(grams["2"], h.T @ h)
+    assert all(torch.equal(v, v.T) for v in grams.values())
+    torch.testing.assert_close(collect_gram(model, [x], average=True)["0"], flat.T @ flat / 12)
+    models = [copy.deepcopy(model) for _ in range(2)]
+    with torch.no_grad():
+        models[1][0].weight.mul_(-0.5)
+    xs = [inputs(9, 7, 7), inputs(9, 7, 8)]
+    merged = regmean_merge(models, None, plus_plus=True, batches=[[x] for x in xs])
+    monkeypatch.setattr(regmean_module, "_TRIANGLE_FROM", 10 ** 9)
+    for k, v in regmean_merge(models, None, plus_plus=True, batches=[[x] for x in xs]).items():
+        torch.testing.assert_close(merged[k], v)
+
+
 def test_alpha_one_is_the_least_squares_merge():
     """min_W Σ_i ‖X_i Wᵀ − X_i W_iᵀ‖²: the stacked least-squares problem, solved by lstsq."""
     models = [linear(6, 4, s) for s in range(3)]

@@ -19,6 +19,11 @@
 // * The convergence check costs no pass of its own: the column sums of the current plan are
 //   exp(v_j + LSE_i(u_i - C_ij/reg)), which the next iteration's column pass computes anyway. A
 //   problem that has converged keeps its potentials (the computed LSE is dropped).
+// GCC notes that passing 64-byte vector types changed ABI in GCC 4.6: these are internal
+// (anonymous-namespace, inlined) helpers, never an ABI boundary, so the note is noise.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 #include "sinkhorn.h"
 
 #include <omp.h>

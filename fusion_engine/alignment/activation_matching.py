@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from . import _ops
+from .. import ops
 from .spec import PermutationSpec
 
 CORRELATION_EPS = 1e-8
@@ -171,6 +171,6 @@ def activation_matching(spec: PermutationSpec, model_a: nn.Module, model_b: nn.M
     perms = spec.identity()
     for p, s in stats.items():
         corr = s.block(s.correlation(), 0, 1)
-        _, cols = _ops.linear_assignment(corr, maximize=True, backend=backend)
+        _, cols = ops.linear_assignment(corr, maximize=True, backend=backend)
         perms[p] = cols.long()
     return perms

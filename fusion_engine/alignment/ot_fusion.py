@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ShapeMismatchError
-from . import _ops
+from .. import ops
 from ._transport import check_plain, map_axis, unit_rows
 from .activation_matching import unit_statistics
 from .builders import infer_permutation_spec
@@ -137,7 +137,7 @@ def ot_fusion(models: Sequence, *, spec: PermutationSpec | None = None, mode: st
             rows = torch.cat([unit_rows(_mapped(sds[k][s.param].double(), spec, axes, s, maps[k], p), s, n)
                               for s in ready], 1) if ready else None
             if mode == "weights":
-                cost = _ops.cost_matrix(t_rows, rows, metric="euclidean", backend=backend)
+                cost = ops.cost_matrix(t_rows, rows, metric="euclidean", backend=backend)
             else:
                 st = stats[p]
                 e2 = st.outer.diagonal() / st.count
@@ -150,12 +150,12 @@ def ot_fusion(models: Sequence, *, spec: PermutationSpec | None = None, mode: st
                 if m != n or histogram != "uniform":
                     raise ConfigError(f"{where}: exact=True needs equal widths and uniform histograms ({p!r}: "
                                       f"target {m}, model {n} units, histogram={histogram!r}); use exact=False")
-                _, cols = _ops.linear_assignment(cost, backend=backend)
+                _, cols = ops.linear_assignment(cost, backend=backend)
                 tmap = torch.zeros(m, n, dtype=torch.float64)
                 tmap[torch.arange(m), cols] = 1.0
             else:
                 scaled = cost / cost.max().clamp_min(1e-30)
-                plan = _ops.sinkhorn(scaled, alpha.to(scaled.dtype), beta.to(scaled.dtype), reg=reg,
+                plan = ops.sinkhorn(scaled, alpha.to(scaled.dtype), beta.to(scaled.dtype), reg=reg,
                                      max_iter=max_iter, backend=backend).plan.double()
                 tmap = plan / plan.sum(1, keepdim=True).clamp_min(1e-300)
             maps[k][p] = tmap

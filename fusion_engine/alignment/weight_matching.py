@@ -25,7 +25,7 @@ from typing import Mapping
 import torch
 
 from ..errors import ConfigError, DTypeMismatchError
-from . import _ops
+from .. import ops
 from .spec import AxisSlot, PermutationSpec, axis_index_map, check_perms, check_state_dict, invert
 
 IMPROVEMENT_TOL = 1e-12
@@ -168,7 +168,7 @@ class _WholeAxisGroup(_Contribution):
                     b = b.index_select(dim, perms[q])
                 dim, q = gathers[-1]
                 torch.index_select(b, dim, perms[q], out=out)
-            c = _ops.cost_matrix(x, y, metric="inner", backend=self.backend)
+            c = ops.cost_matrix(x, y, metric="inner", backend=self.backend)
             total = c if total is None else total.add_(c)
         return total.unsqueeze(0)
 
@@ -184,7 +184,7 @@ class _GeneralSlot(_Contribution):
     def compute(self, perms, identities) -> torch.Tensor:
         a, b = self.features.pair(self.perm, self.slot, self.w_a, self.w_b, perms)
         dtype = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
-        return _ops.cost_matrix(a.to(dtype), b.to(dtype), metric="inner", backend=self.backend)
+        return ops.cost_matrix(a.to(dtype), b.to(dtype), metric="inner", backend=self.backend)
 
 
 def _contributions(features: _SlotFeatures, perm: str, slots, params_a, params_b, backend) -> list[_Contribution]:
@@ -286,7 +286,7 @@ def weight_matching(spec: PermutationSpec, params_a: Mapping[str, torch.Tensor],
         for j in torch.randperm(len(names), generator=g).tolist():
             p = names[j]
             c = cost(p)
-            _, cols = _ops.linear_assignment(c, backend=backend)  # min −S = max S
+            _, cols = ops.linear_assignment(c, backend=backend)  # min −S = max S
             cols = cols.to(device)
             old = perms[p].reshape(cols.shape)
             old_value = -c.gather(-1, old[..., None]).double().sum()  # ⟨S, P_old⟩: a gather, no GEMM

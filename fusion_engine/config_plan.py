@@ -39,17 +39,13 @@ from . import methods as _methods
 from .config import MergeConfig, SliceSource, located, resolve, suggest
 from .errors import CheckpointError, ConfigError, FusionEngineError, MissingTensorError, ShapeMismatchError
 from .io import Checkpoint, open_checkpoint
-from .plan import MergePlan, TensorRef, TensorTask
+from .plan import SIDE_FILES, MergePlan, TensorRef, TensorTask
 
 LAYER_RE = re.compile(r"^(?P<prefix>(?:.*?\.)?(?:layers|h|blocks|layer|block)\.)(?P<index>\d+)\.(?P<suffix>.+)$")
 PRE_HINTS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings")
 INPUT_EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight", "model.decoder.embed_tokens.weight",
                     "gpt_neox.embed_in.weight", "transformer.word_embeddings.weight")
 NUM_LAYERS_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
-TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
-                   "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json",
-                   "generation_config.json")
-
 
 # --------------------------------------------------------------------------- checkpoint layout
 
@@ -442,7 +438,7 @@ class Planner:
                                               "or write 'base'"))
         files = {}
         if folder and os.path.isdir(folder):
-            for name in TOKENIZER_FILES:
+            for name in SIDE_FILES:
                 if os.path.isfile(os.path.join(folder, name)):
                     files[name] = os.path.abspath(os.path.join(folder, name))
         if source not in (None, "base") and not any(n.startswith("tokenizer") for n in files):

@@ -33,11 +33,7 @@ import torch
 from .errors import CheckpointError, ShapeMismatchError
 from .io import atomic_output_dir, open_checkpoint
 from .io.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, ShardLayout, parse_size, plan_shards, write_file_synced
-from .plan import MergePlan, TensorTask
-
-# copied from the reference model when the plan names no side files of its own
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-              "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+from .plan import SIDE_FILES, MergePlan, TensorTask
 
 
 @dataclass
@@ -226,7 +222,7 @@ def write_side_files(plan: MergePlan, ckpts: dict, out_dir: str) -> list[str]:
                           (json.dumps(plan.config_json, indent=2, sort_keys=True) + "\n").encode())
         written.append("config.json")
     sources = dict(plan.extra_files)
-    if not sources and ref_dir is not None:
+    if not sources and ref_dir is not None:  # a plan naming no side files: the reference model's
         names = SIDE_FILES if plan.config_json is not None else ("config.json",) + SIDE_FILES
         sources = {n: os.path.join(ref_dir, n) for n in names if os.path.isfile(os.path.join(ref_dir, n))}
     for out_name, src in sources.items():

@@ -14,6 +14,12 @@ from typing import Any
 import torch
 
 
+# Files copied beside the merged weights (from ``tokenizer_source``, else the reference model)
+SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
+              "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json",
+              "generation_config.json")
+
+
 @dataclass(frozen=True)
 class TensorRef:
     """One input tensor: ``name`` inside the checkpoint the config calls ``model``."""

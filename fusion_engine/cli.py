@@ -113,8 +113,8 @@ def merge(config_path: str, out_dir: str, *, device: str = "cpu", out_shard_size
     models' paths and headers, every needed tensor and its shape, the method's parameters, the
     output folder and the device. ``dry_run`` stops after printing the plan.
     """
-    from .config import load_config
-    from .config_plan import build_plan, plan_summary
+    from .checkpoint.config import load_config
+    from .checkpoint.planner import build_plan, plan_summary
     from .io.atomic import check_output_dir
     from .io.writer import parse_size
 
@@ -133,7 +133,7 @@ def merge(config_path: str, out_dir: str, *, device: str = "cpu", out_shard_size
     if dry_run:
         print("dry run: nothing written")
         return 0
-    from .executor import run_plan
+    from .checkpoint.executor import run_plan
 
     summary = run_plan(plan, out_dir, device=device, out_shard_size=shard_bytes, allow_overwrite=allow_overwrite,
                        quiet=quiet)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from fusion_engine.config import Conditional, evaluate, interpolate, load_config, parse_config, resolve
+from fusion_engine.checkpoint.config import Conditional, evaluate, interpolate, load_config, parse_config, resolve
 from fusion_engine.errors import ConfigError
 
 FULL = """\

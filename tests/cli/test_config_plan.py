@@ -7,8 +7,8 @@ import os
 import pytest
 
 from cli_fixtures import scratch, tiny_llamas, write
-from fusion_engine.config import load_config, parse_config
-from fusion_engine.config_plan import build_plan, layout_of, plan_summary
+from fusion_engine.checkpoint.config import load_config, parse_config
+from fusion_engine.checkpoint.planner import build_plan, layout_of, plan_summary
 from fusion_engine.errors import CheckpointError, ConfigError, MissingTensorError, ShapeMismatchError
 
 SUFFIXES = ["input_layernorm.weight", "mlp.down_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",

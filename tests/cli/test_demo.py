@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cli_fixtures import load_dir, run_cli, scratch
-from fusion_engine.config import load_config
+from fusion_engine.checkpoint.config import load_config
 
 
 def test_demo_builds_merges_loads_and_generates(capsys):

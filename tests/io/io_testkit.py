@@ -9,7 +9,7 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from fusion_engine.plan import MergePlan, TensorRef, TensorTask
+from fusion_engine.checkpoint.plan import MergePlan, TensorRef, TensorTask
 
 SHAPES = {"model.embed_tokens.weight": (37, 16), "model.layers.0.mlp.up_proj.weight": (24, 16),
           "model.layers.0.input_layernorm.weight": (16,), "model.layers.1.mlp.up_proj.weight": (24, 16),

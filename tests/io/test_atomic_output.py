@@ -86,7 +86,7 @@ def test_stale_siblings_of_dead_processes_are_cleaned_and_old_output_restored(tm
 KILL_SCRIPT = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {testdir!r})
-    import fusion_engine.executor as ex
+    import fusion_engine.checkpoint.executor as ex
     from io_testkit import linear_plan
     merge = ex._Streamer._merge
     def slow_merge(self, job, inputs):
@@ -101,7 +101,7 @@ KILL_SCRIPT = textwrap.dedent("""
 
 
 def test_sigkill_mid_merge_leaves_no_partial_output(tmp_path):
-    from fusion_engine.executor import run_plan
+    from fusion_engine.checkpoint.executor import run_plan
 
     from io_testkit import linear_plan
 

@@ -11,8 +11,8 @@ import textwrap
 
 import pytest
 
-from fusion_engine.distributed import split_by_bytes
-from fusion_engine.executor import run_plan
+from fusion_engine.checkpoint.distributed import split_by_bytes
+from fusion_engine.checkpoint.executor import run_plan
 
 from io_testkit import linear_plan, state_dict, tree_digest, write_model
 
@@ -21,7 +21,7 @@ WEIGHTS = [0.5, 0.3, 0.2]
 RANK_SCRIPT = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, {testdir!r})
-    from fusion_engine.executor import run_plan
+    from fusion_engine.checkpoint.executor import run_plan
     from io_testkit import linear_plan
     plan = linear_plan({models!r}, {weights!r})
     if {bad_task} is not None:

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from fusion_engine.errors import CheckpointError, MissingTensorError, ShapeMismatchError
-from fusion_engine.executor import run_plan
+from fusion_engine.checkpoint.executor import run_plan
 from fusion_engine.io import Checkpoint, open_checkpoint
-from fusion_engine.plan import MergePlan, TensorRef, TensorTask
+from fusion_engine.checkpoint.plan import MergePlan, TensorRef, TensorTask
 
 from io_testkit import SHAPES, expected_linear, linear_plan, state_dict, tree_digest, write_model
 

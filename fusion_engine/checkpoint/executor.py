@@ -1,4 +1,4 @@
-"""Run a :class:`~fusion_engine.plan.MergePlan`: stream every input tensor, merge, write, one task at a time.
+"""Run a :class:`~fusion_engine.checkpoint.plan.MergePlan`: stream every input tensor, merge, write, one task at a time.
 
 Pipeline (per process)::
 
@@ -11,7 +11,7 @@ Nothing is memory-mapped on the read path, so the resident set holds only tensor
 largest tensor in bytes; ``max_in_flight=1`` (no prefetch) gives ``(models + 1) × T``. The output's layout
 (which shard, which offset) is fixed from the plan before the first read (:func:`fusion_engine.io.plan_shards`),
 so the bytes written do not depend on the order in which tensors finish, nor on how many processes wrote them:
-under ``torchrun`` (``WORLD_SIZE > 1``) :mod:`fusion_engine.distributed` splits the tasks between ranks by bytes
+under ``torchrun`` (``WORLD_SIZE > 1``) :mod:`fusion_engine.checkpoint.distributed` splits the tasks between ranks by bytes
 and the result is identical to a single-process merge.
 
 The output folder is built in a hidden sibling and renamed into place when complete
@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import CheckpointError, ShapeMismatchError
-from .io import atomic_output_dir, open_checkpoint
-from .io.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, ShardLayout, parse_size, plan_shards, write_file_synced
+from ..errors import CheckpointError, ShapeMismatchError
+from ..io import atomic_output_dir, open_checkpoint
+from ..io.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, ShardLayout, parse_size, plan_shards, write_file_synced
 from .plan import SIDE_FILES, MergePlan, TensorTask
 
 
@@ -115,7 +115,7 @@ class _Streamer:
         if _is_plain_copy(job, inputs[0].dtype):
             out = inputs[0]
         else:
-            from . import merge_tensors
+            from .. import merge_tensors
 
             out = merge_tensors(inputs, task.method, parameters=task.parameters, base_index=task.base_index,
                                 name=task.out_name, dtype=task.dtype, out_dtype=job.out_dtype)
@@ -292,7 +292,7 @@ def run_plan(plan: MergePlan, out_dir: str | os.PathLike, *, device: str | torch
     ``files``, ``world_size``, ``device``.
 
     Under ``torchrun`` (environment ``WORLD_SIZE > 1``) the ranks split the work (see
-    :mod:`fusion_engine.distributed`); every rank returns the same summary.
+    :mod:`fusion_engine.checkpoint.distributed`); every rank returns the same summary.
     """
     from . import distributed
 

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 import yaml
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -275,7 +275,7 @@ def parse_config(text: str, filename: str = "config.yaml", base_dir: str = ".") 
     """Parse mergekit YAML text into a :class:`MergeConfig`, checking every field's type and form.
 
     Checks that need the checkpoints (paths exist, shapes agree, the method's parameter ranges)
-    happen in :func:`fusion_engine.config_plan.build_plan`, still before any tensor is read.
+    happen in :func:`fusion_engine.checkpoint.planner.build_plan`, still before any tensor is read.
     """
     doc = _Doc(filename)
     try:

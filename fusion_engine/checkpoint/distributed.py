@@ -23,9 +23,9 @@ import time
 
 import torch
 
-from .errors import CheckpointError
-from .io.atomic import commit_temp_dir, discard_temp_dir, make_temp_dir
-from .io.writer import SAFETENSORS_INDEX, DEFAULT_MAX_SHARD_BYTES, ShardedWriter, write_file_synced
+from ..errors import CheckpointError
+from ..io.atomic import commit_temp_dir, discard_temp_dir, make_temp_dir
+from ..io.writer import SAFETENSORS_INDEX, DEFAULT_MAX_SHARD_BYTES, ShardedWriter, write_file_synced
 
 
 def world_size_from_env() -> int:
@@ -90,7 +90,7 @@ def _broadcast(obj, src: int = 0):
 
 def run_plan_distributed(plan, out_dir: str, *, device="cpu", out_shard_size=DEFAULT_MAX_SHARD_BYTES,
                          allow_overwrite: bool = False, quiet: bool = False, max_in_flight: int = 2) -> dict:
-    """:func:`fusion_engine.executor.run_plan` for one rank of a torch.distributed job (see the module doc)."""
+    """:func:`fusion_engine.checkpoint.executor.run_plan` for one rank of a torch.distributed job (see the module doc)."""
     import torch.distributed as dist
 
     from .executor import prepare, stream_jobs, write_side_files

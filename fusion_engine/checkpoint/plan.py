@@ -1,7 +1,7 @@
 """A checkpoint merge, planned: what every output tensor is made of, before any tensor is read.
 
-The config layer (:mod:`fusion_engine.config`) turns a mergekit YAML into a :class:`MergePlan`
-after validating it against the checkpoints' headers; the executor (:mod:`fusion_engine.executor`)
+The config layer (:mod:`fusion_engine.checkpoint.config`) turns a mergekit YAML into a :class:`MergePlan`
+after validating it against the checkpoints' headers; the executor (:mod:`fusion_engine.checkpoint.executor`)
 streams the plan: read the inputs of one task, ``fusion_engine.merge_tensors(...)``, write, next.
 Nothing in a plan holds tensor data, so a plan for a 70B merge is a few MB.
 """

@@ -1,4 +1,4 @@
-"""A parsed merge config + the checkpoints' headers → a validated :class:`~fusion_engine.plan.MergePlan`.
+"""A parsed merge config + the checkpoints' headers → a validated :class:`~fusion_engine.checkpoint.plan.MergePlan`.
 
 Everything a merge can get wrong is found here, before any tensor is read: models that are not
 local, unreadable or truncated headers, architectures or layer counts that disagree, tensors
@@ -35,10 +35,10 @@ from typing import Any
 
 import torch
 
-from . import methods as _methods
+from .. import methods as _methods
 from .config import MergeConfig, SliceSource, located, resolve, suggest
-from .errors import CheckpointError, ConfigError, FusionEngineError, MissingTensorError, ShapeMismatchError
-from .io import Checkpoint, open_checkpoint
+from ..errors import CheckpointError, ConfigError, FusionEngineError, MissingTensorError, ShapeMismatchError
+from ..io import Checkpoint, open_checkpoint
 from .plan import SIDE_FILES, MergePlan, TensorRef, TensorTask
 
 LAYER_RE = re.compile(r"^(?P<prefix>(?:.*?\.)?(?:layers|h|blocks|layer|block)\.)(?P<index>\d+)\.(?P<suffix>.+)$")

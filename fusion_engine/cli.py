@@ -208,7 +208,9 @@ def main(argv=None) -> int:
         if args.command == "demo":
             from .demo import run_demo
 
-            return run_demo(args.workdir, device=_check_device(args.device), quiet=args.quiet)
+            device = _check_device(args.device)
+            return run_demo(lambda config, out_dir: merge(config, out_dir, device=device, allow_overwrite=True,
+                                                          quiet=args.quiet), args.workdir, quiet=args.quiet)
         if args.command == "selftest":
             if args.models < 1:
                 parser.error("--models must be >= 1")

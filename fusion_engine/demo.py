@@ -3,8 +3,9 @@
 It builds a small seeded Llama (a transformers ``LlamaConfig``, random weights, a character-level
 tokenizer, a few MB) and three "fine-tuned" variants of it (the base plus small seeded task
 vectors), writes a mergekit YAML that TIES-merges them with a density gradient over the layers
-and a filtered weight, runs it through ``fusion-engine merge`` exactly as for real checkpoints,
-then loads the result with ``transformers`` and generates a few tokens.
+and a filtered weight, runs it through ``fusion-engine merge`` (:func:`fusion_engine.cli.merge`)
+exactly as for real checkpoints, then loads the result with ``transformers`` and generates a few
+tokens.
 
 The builders are public so tests and benchmarks make the same tiny checkpoints.
 """
@@ -15,6 +16,7 @@ import os
 import string
 import tempfile
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -126,11 +128,10 @@ def generate(model_dir: str, prompt: str = "Hello", max_new_tokens: int = 12) ->
     return new_ids, tok.decode(out[0], skip_special_tokens=True), logits
 
 
-def run_demo(workdir: str | None = None, *, device: str = "cpu", quiet: bool = False) -> int:
-    """Build, merge through the CLI path, load and generate. Returns the exit code of the merge."""
+def run_demo(merge: Callable[[str, str], int], workdir: str | None = None, *, quiet: bool = False) -> int:
+    """Build, merge, load and generate. ``merge(config_path, out_dir)`` is the CLI's merge command
+    (:func:`fusion_engine.cli.merge`, passed in by the CLI). Returns the exit code of the merge."""
     import transformers
-
-    from .cli import main as cli_main
 
     transformers.utils.logging.disable_progress_bar()  # the merge's own progress bar is enough
 
@@ -150,8 +151,7 @@ def run_demo(workdir: str | None = None, *, device: str = "cpu", quiet: bool = F
         out_dir = os.path.join(folder, "merged")
         say(f"merging with {config}:\n")
         say("    " + open(config, encoding="utf-8").read().replace("\n", "\n    "))
-        argv = ["merge", config, out_dir, "--device", device, "--allow-overwrite"] + (["--quiet"] if quiet else [])
-        code = cli_main(argv)
+        code = merge(config, out_dir)
         if code != 0:
             return code
         new_ids, text, logits = generate(out_dir)

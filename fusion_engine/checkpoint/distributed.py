@@ -1,5 +1,8 @@
 """Multi-process merges: ``torchrun --nproc-per-node N -m fusion_engine merge CONFIG OUT``.
 
+This module holds the coordination (the process group, the split of the tasks, the exchange of
+errors); :func:`fusion_engine.checkpoint.executor.run_plan` runs the protocol below with it.
+
 Every rank builds the same plan and the same output layout (:func:`fusion_engine.io.plan_shards` depends only
 on the plan), so the byte offset of every output tensor is known to all ranks before anything is read. Then:
 
@@ -24,8 +27,6 @@ import time
 import torch
 
 from ..errors import CheckpointError
-from ..io.atomic import commit_temp_dir, discard_temp_dir, make_temp_dir
-from ..io.writer import SAFETENSORS_INDEX, DEFAULT_MAX_SHARD_BYTES, ShardedWriter, write_file_synced
 
 
 def world_size_from_env() -> int:
@@ -63,7 +64,9 @@ def split_by_bytes(costs: list[int], world_size: int) -> list[range]:
     return [range(bounds[r], bounds[r + 1]) for r in range(world_size)]
 
 
-def _init_group(device: str | torch.device) -> tuple[bool, torch.device]:
+def init_group(device: str | torch.device) -> tuple[bool, torch.device]:
+    """Join (or create) the process group: gloo on CPU, NCCL on GPU (``cuda:LOCAL_RANK``).
+    Returns whether this call created it (then the caller destroys it) and the rank's device."""
     import torch.distributed as dist
 
     if not dist.is_available():
@@ -80,7 +83,8 @@ def _init_group(device: str | torch.device) -> tuple[bool, torch.device]:
     return created, device
 
 
-def _broadcast(obj, src: int = 0):
+def broadcast(obj, src: int = 0):
+    """``obj`` from rank ``src``, on every rank."""
     import torch.distributed as dist
 
     box = [obj]
@@ -88,82 +92,7 @@ def _broadcast(obj, src: int = 0):
     return box[0]
 
 
-def run_plan_distributed(plan, out_dir: str, *, device="cpu", out_shard_size=DEFAULT_MAX_SHARD_BYTES,
-                         allow_overwrite: bool = False, quiet: bool = False, max_in_flight: int = 2) -> dict:
-    """:func:`fusion_engine.checkpoint.executor.run_plan` for one rank of a torch.distributed job (see the module doc)."""
-    import torch.distributed as dist
-
-    from .executor import prepare, stream_jobs, write_side_files
-
-    created, device = _init_group(device)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    start = time.perf_counter()
-    ckpts = {}
-    try:
-        # every rank opens the inputs and plans; a failure anywhere stops all ranks before any output exists
-        error = None
-        try:
-            ckpts, jobs, layout = prepare(plan, out_shard_size)
-        except Exception as exc:  # noqa: BLE001 - reported to every rank below
-            error = exc
-        _raise_if_any(error, rank, world, "planning")
-
-        tmp, error = None, None
-        if rank == 0:
-            try:
-                tmp = make_temp_dir(out_dir, allow_overwrite)
-                ShardedWriter(tmp, layout).close()  # headers and sizes; data comes from every rank
-            except Exception as exc:  # noqa: BLE001
-                error = exc
-                if tmp is not None:
-                    discard_temp_dir(tmp)
-        tmp = _broadcast(tmp)
-        _raise_if_any(error, rank, world, "creating the output")
-
-        mine = jobs[slice(*_bounds(split_by_bytes([j.read_bytes + j.write_bytes for j in jobs], world)[rank]))]
-        error = None
-        try:
-            with ShardedWriter(tmp, layout, create=False) as writer:
-                stream_jobs(mine, ckpts, writer, device, max_in_flight, quiet or rank != 0,
-                            desc=f"merging (rank 0 of {world})")
-                writer.finish(expected=[j.task.out_name for j in mine], write_index=False)
-        except Exception as exc:  # noqa: BLE001
-            error = exc
-        try:
-            _raise_if_any(error, rank, world, "merging")
-        except BaseException:
-            if rank == 0:
-                discard_temp_dir(tmp)
-            raise
-
-        files, error = list(layout.filenames), None
-        if rank == 0:
-            try:
-                if len(layout.filenames) > 1:
-                    write_file_synced(os.path.join(tmp, SAFETENSORS_INDEX), layout.index_json().encode())
-                    files.append(SAFETENSORS_INDEX)
-                files += write_side_files(plan, ckpts, tmp)
-                commit_temp_dir(tmp, out_dir, allow_overwrite)
-            except Exception as exc:  # noqa: BLE001
-                error = exc
-                discard_temp_dir(tmp)
-        files = _broadcast(files)
-        _raise_if_any(error, rank, world, "finishing the output")
-    finally:
-        for ck in ckpts.values():
-            ck.close()
-        if created:
-            dist.destroy_process_group()
-    return {"out_dir": out_dir, "tensors": len(jobs), "bytes_read": sum(j.read_bytes for j in jobs),
-            "bytes_written": layout.total_bytes, "seconds": time.perf_counter() - start, "files": files,
-            "world_size": world, "device": str(device), "rank": rank, "rank_tensors": len(mine)}
-
-
-def _bounds(r: range) -> tuple[int, int]:
-    return r.start, r.stop
-
-
-def _raise_if_any(error: Exception | None, rank: int, world: int, stage: str) -> None:
+def raise_if_any(error: Exception | None, rank: int, world: int, stage: str) -> None:
     """Share every rank's error; raise the local one, or a CheckpointError naming the failed ranks."""
     import torch.distributed as dist
 

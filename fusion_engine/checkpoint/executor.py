@@ -31,8 +31,11 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import CheckpointError, ShapeMismatchError
-from ..io import atomic_output_dir, open_checkpoint
-from ..io.writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter, ShardLayout, parse_size, plan_shards, write_file_synced
+from ..io.atomic import atomic_output_dir, commit_temp_dir, discard_temp_dir, make_temp_dir
+from ..io.checkpoint import open_checkpoint
+from ..io.writer import (DEFAULT_MAX_SHARD_BYTES, SAFETENSORS_INDEX, ShardedWriter, ShardLayout, parse_size,
+                         plan_shards, write_file_synced)
+from . import distributed
 from .plan import SIDE_FILES, MergePlan, TensorTask
 
 
@@ -294,14 +297,12 @@ def run_plan(plan: MergePlan, out_dir: str | os.PathLike, *, device: str | torch
     Under ``torchrun`` (environment ``WORLD_SIZE > 1``) the ranks split the work (see
     :mod:`fusion_engine.checkpoint.distributed`); every rank returns the same summary.
     """
-    from . import distributed
-
     if max_in_flight < 1:
         raise CheckpointError(f"max_in_flight must be >= 1, got {max_in_flight}")
     out_dir = os.path.abspath(os.fspath(out_dir))
     _check_output_not_input(out_dir, plan)
     if distributed.world_size_from_env() > 1:
-        return distributed.run_plan_distributed(plan, out_dir, device=device, out_shard_size=out_shard_size,
+        return _run_plan_ranks(plan, out_dir, device=device, out_shard_size=out_shard_size,
                                                 allow_overwrite=allow_overwrite, quiet=quiet,
                                                 max_in_flight=max_in_flight)
     device = torch.device(device)
@@ -319,3 +320,73 @@ def run_plan(plan: MergePlan, out_dir: str | os.PathLike, *, device: str | torch
     return {"out_dir": out_dir, "tensors": len(jobs), "bytes_read": sum(j.read_bytes for j in jobs),
             "bytes_written": layout.total_bytes, "seconds": time.perf_counter() - start, "files": files,
             "world_size": 1, "device": str(device)}
+
+
+def _run_plan_ranks(plan, out_dir: str, *, device="cpu", out_shard_size=DEFAULT_MAX_SHARD_BYTES,
+                         allow_overwrite: bool = False, quiet: bool = False, max_in_flight: int = 2) -> dict:
+    """:func:`run_plan` for one rank of a torch.distributed job (see :mod:`.distributed`)."""
+    import torch.distributed as dist
+
+    created, device = distributed.init_group(device)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    start = time.perf_counter()
+    ckpts = {}
+    try:
+        # every rank opens the inputs and plans; a failure anywhere stops all ranks before any output exists
+        error = None
+        try:
+            ckpts, jobs, layout = prepare(plan, out_shard_size)
+        except Exception as exc:  # noqa: BLE001 - reported to every rank below
+            error = exc
+        distributed.raise_if_any(error, rank, world, "planning")
+
+        tmp, error = None, None
+        if rank == 0:
+            try:
+                tmp = make_temp_dir(out_dir, allow_overwrite)
+                ShardedWriter(tmp, layout).close()  # headers and sizes; data comes from every rank
+            except Exception as exc:  # noqa: BLE001
+                error = exc
+                if tmp is not None:
+                    discard_temp_dir(tmp)
+        tmp = distributed.broadcast(tmp)
+        distributed.raise_if_any(error, rank, world, "creating the output")
+
+        share = distributed.split_by_bytes([j.read_bytes + j.write_bytes for j in jobs], world)[rank]
+        mine = jobs[share.start:share.stop]
+        error = None
+        try:
+            with ShardedWriter(tmp, layout, create=False) as writer:
+                stream_jobs(mine, ckpts, writer, device, max_in_flight, quiet or rank != 0,
+                            desc=f"merging (rank 0 of {world})")
+                writer.finish(expected=[j.task.out_name for j in mine], write_index=False)
+        except Exception as exc:  # noqa: BLE001
+            error = exc
+        try:
+            distributed.raise_if_any(error, rank, world, "merging")
+        except BaseException:
+            if rank == 0:
+                discard_temp_dir(tmp)
+            raise
+
+        files, error = list(layout.filenames), None
+        if rank == 0:
+            try:
+                if len(layout.filenames) > 1:
+                    write_file_synced(os.path.join(tmp, SAFETENSORS_INDEX), layout.index_json().encode())
+                    files.append(SAFETENSORS_INDEX)
+                files += write_side_files(plan, ckpts, tmp)
+                commit_temp_dir(tmp, out_dir, allow_overwrite)
+            except Exception as exc:  # noqa: BLE001
+                error = exc
+                discard_temp_dir(tmp)
+        files = distributed.broadcast(files)
+        distributed.raise_if_any(error, rank, world, "finishing the output")
+    finally:
+        for ck in ckpts.values():
+            ck.close()
+        if created:
+            dist.destroy_process_group()
+    return {"out_dir": out_dir, "tensors": len(jobs), "bytes_read": sum(j.read_bytes for j in jobs),
+            "bytes_written": layout.total_bytes, "seconds": time.perf_counter() - start, "files": files,
+            "world_size": world, "device": str(device), "rank": rank, "rank_tensors": len(mine)}

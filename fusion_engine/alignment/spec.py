@@ -219,13 +219,3 @@ def apply_permutation(spec: PermutationSpec, state_dict: Mapping[str, torch.Tens
         idx = axis_index_map(spec, entries, {p: t.to(w.device) for p, t in perms.items()}, w.shape[axis])
         out[param] = w.index_select(axis, idx)
     return out
-
-
-def permuted_params(spec: PermutationSpec, state_dict: Mapping[str, torch.Tensor],
-                    perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Only the permuted tensors of :func:`apply_permutation` (no validation)."""
-    out = {}
-    for (param, axis), entries in spec.axis_perms().items():
-        w = out.get(param, state_dict[param])
-        out[param] = w.index_select(axis, axis_index_map(spec, entries, perms, w.shape[axis]))
-    return out

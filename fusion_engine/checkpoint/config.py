@@ -78,10 +78,6 @@ class Setting:
     value: Scalar | list[Scalar] | list[Conditional]
     line: int
 
-    @property
-    def is_gradient(self) -> bool:
-        return isinstance(self.value, list) and not any(isinstance(v, Conditional) for v in self.value)
-
 
 @dataclass
 class SliceSource:

@@ -1,8 +1,9 @@
 """A checkpoint merge, planned: what every output tensor is made of, before any tensor is read.
 
-The config layer (:mod:`fusion_engine.checkpoint.config`) turns a mergekit YAML into a :class:`MergePlan`
-after validating it against the checkpoints' headers; the executor (:mod:`fusion_engine.checkpoint.executor`)
-streams the plan: read the inputs of one task, ``fusion_engine.merge_tensors(...)``, write, next.
+The planner (:func:`fusion_engine.checkpoint.planner.build_plan`) turns a parsed mergekit config
+(:mod:`fusion_engine.checkpoint.config`) into a :class:`MergePlan` after validating it against the
+checkpoints' headers; the executor (:func:`fusion_engine.checkpoint.executor.run_plan`) streams the plan:
+read the inputs of one task, merge them with the task's method, write the result at its planned offset, next.
 Nothing in a plan holds tensor data, so a plan for a 70B merge is a few MB.
 """
 

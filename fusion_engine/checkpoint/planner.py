@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -58,7 +58,6 @@ class Layout:
     post: list[str]
     layer_prefix: str | None  # e.g. "model.layers."
     layers: list[list[str]]  # layer i -> its suffixes (after "<prefix><i>.") in checkpoint order
-    other_stacks: list[str] = field(default_factory=list)  # further layer prefixes (kept as pre tensors)
 
     @property
     def num_layers(self) -> int:
@@ -95,7 +94,7 @@ def layout_of(names: list[str], num_layers_hint: int | None = None) -> Layout:
     pre = [n for n in rest if any(h in n for h in PRE_HINTS) or any(n.startswith(o) for o in others)]
     post = [n for n in rest if n not in set(pre)]
     post.sort(key=lambda n: n.endswith("lm_head.weight"))  # mergekit writes lm_head last
-    return Layout(pre, post, main, layers, others)
+    return Layout(pre, post, main, layers)
 
 
 def tied_source(name: str, ckpt_names: set[str]) -> str | None:

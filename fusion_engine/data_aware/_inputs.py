@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -95,8 +95,3 @@ def eval_mode(model: nn.Module):
     finally:
         for m, training in modes:
             m.training = training
-
-
-def check_one_per_model(where: str, name: str, values: Sequence, count: int) -> None:
-    if len(values) != count:
-        raise ConfigError(f"{where}: got {len(values)} {name} for {count} models; give one per model")

@@ -1,8 +1,13 @@
-"""Checkpoint I/O: memory-mapped safetensors (single and sharded), .bin, sharded atomic output (issue 4).
+"""Checkpoint I/O: read any local checkpoint tensor by tensor, write sharded safetensors atomically.
 
-* :func:`open_checkpoint` — read any local checkpoint layout tensor by tensor (headers first, data on demand).
-* :class:`ShardedWriter` — write HF-style sharded safetensors with an index, tensor by tensor, in any order.
-* :func:`atomic_output_dir` — build an output folder beside its final place and rename it in when complete.
+* :func:`open_checkpoint` -> :class:`Checkpoint`: safetensors (one file, sharded with an index, or a folder
+  of them) and PyTorch ``.bin`` / ``.pt`` files; names, shapes and dtypes from the headers
+  (:func:`parse_header`, :class:`SafetensorsFile`), tensor data only on ``read`` / ``load``.
+* :func:`plan_shards` fixes the output layout (which shard, which offset) from names, dtypes and shapes;
+  :class:`ShardedWriter` then writes each tensor at its planned place, in any order;
+  :func:`save_sharded` does both for an in-memory state dict; :func:`parse_size` reads ``"5GB"``.
+* :func:`atomic_output_dir`: the output folder is built in a hidden sibling and renamed into place when
+  complete (:func:`clean_stale_siblings` removes what a killed run left).
 """
 
 from .atomic import atomic_output_dir, clean_stale_siblings

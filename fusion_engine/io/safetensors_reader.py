@@ -51,7 +51,9 @@ for _code, _torch_name in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m
 
 DTYPE_CODES: dict[torch.dtype, str] = {dtype: code for code, (dtype, _) in DTYPES.items()}
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's limit
+# The largest header accepted: the safetensors crate's MAX_HEADER_SIZE. The C reader states the same
+# number as kMaxHeaderBytes in csrc/safetensors/header.h (tests/io/test_safetensors_reader.py checks they agree).
+MAX_HEADER_BYTES = 100_000_000
 
 
 @dataclass(frozen=True)
@@ -227,14 +229,6 @@ class SafetensorsFile:
             self._mmap = mmap.mmap(self._fileno(), 0, access=mmap.ACCESS_COPY)
         flat = torch.frombuffer(self._mmap, dtype=torch.uint8, count=info.nbytes, offset=info.begin)
         return flat.view(info.dtype).view(info.shape)
-
-    def advise_dontneed(self) -> None:
-        """Drop this file's pages from the page cache hint (reads are done with it)."""
-        if hasattr(os, "posix_fadvise") and self._fh is not None:
-            try:
-                os.posix_fadvise(self._fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-            except OSError:
-                pass
 
     def _fileno(self) -> int:
         if self._fh is None:

@@ -4,9 +4,8 @@
 Signatures, parameter names, defaults and semantics follow ``mergekit.merge_methods.api`` of
 mergekit 0.1.5, with these differences:
 
-* the merge runs on fusion_engine's fused ops (see :func:`fusion_engine.methods.get` for which
-  op each method uses) and accumulates in float32 (float64 for float64 inputs), so low-precision
-  inputs are rounded once, at the output;
+* the merge runs on fusion_engine's fused ops (each method's module says which) and accumulates
+  in float32 (float64 for float64 inputs), so low-precision inputs are rounded once, at the output;
 * random methods (dare_*, della*) draw their masks from the counter-based Philox generator,
   keyed by the ``random_seed`` parameter and the tensor's ``name`` (reproducible per tensor);
 * invalid input raises a :class:`~fusion_engine.errors.FusionEngineError` subclass naming the

@@ -33,7 +33,6 @@ FISHER = register(Method(
         Parameter("weight", float, INPUT, default=1.0, doc="w_i"),
         Parameter("eps", float, default=1e-8, low=0.0, doc="ε added to the denominator"),
     ),
-    fused_ops=("fisher_merge",),
     summary="Fisher-weighted average (given Fisher tensors)",
     reference="https://arxiv.org/abs/2111.09832",
 ))

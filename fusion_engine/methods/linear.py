@@ -25,7 +25,6 @@ LINEAR = register(Method(
         Parameter("weight", float, INPUT, doc="w_i, one per input"),
         Parameter("normalize", bool, default=True, doc="divide by Σ w_i"),
     ),
-    fused_ops=("linear_merge",),
     summary="weighted average of the inputs (model soups)",
     reference="https://arxiv.org/abs/2203.05482",
 ))

@@ -67,6 +67,6 @@ def merge_model_stock(group: Group, *, filter_wise: bool) -> torch.Tensor:
 register(Method(
     name="model_stock", merge=merge_model_stock,
     parameters=(Parameter("filter_wise", bool, SHARED, default=False, doc="one ratio per row"),),
-    base=BASE_REQUIRED, min_inputs=3, fused_ops=("linear_merge",),
+    base=BASE_REQUIRED, min_inputs=3,
     summary="base-to-average interpolation from task-vector angles", reference="https://arxiv.org/abs/2403.19522",
 ))

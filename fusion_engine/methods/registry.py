@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -144,7 +144,6 @@ class Method:
 
     ``merge(group, **parameters)`` receives shared values as scalars and per-input values as
     lists aligned with ``group.tensors`` (scope ``input``) or ``group.non_base`` (``non_base``).
-    ``fused_ops`` names the fusion_engine ops the method runs on (empty: plain torch).
     ``check`` validates combinations of bound parameters (e.g. DELLA's density ± epsilon).
     """
 
@@ -156,19 +155,10 @@ class Method:
     max_inputs: int | None = None
     min_non_base: int | None = None
     max_non_base: int | None = None
-    fused_ops: tuple[str, ...] = ()
     randomized: bool = False
     check: Callable[[str, dict[str, Any]], None] | None = None
     summary: str = ""
     reference: str = ""
-    _by_name: dict[str, Parameter] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self):
-        object.__setattr__(self, "_by_name", {p.name: p for p in self.parameters})
-
-    def parameter(self, name: str) -> Parameter:
-        return self._by_name[name]
-
     @property
     def parameter_names(self) -> tuple[str, ...]:
         return tuple(p.name for p in self.parameters)

@@ -76,7 +76,6 @@ SCE = register(Method(
                   doc="τ, fraction of high-variance entries kept"),
     ),
     base=BASE_REQUIRED,
-    fused_ops=("magnitude_mask", "ties_merge"),
     summary="select by variance, weight by energy, erase minority signs",
     reference="https://arxiv.org/abs/2408.07990",
 ))

@@ -200,7 +200,7 @@ def merge_karcher(group: Group, *, max_iter: int, tol: float) -> torch.Tensor:
 register(Method(
     name="slerp", merge=merge_slerp,
     parameters=(Parameter("t", float, SHARED, doc="interpolation factor: 0 = base, 1 = the other input"),),
-    base=BASE_REQUIRED, min_inputs=2, max_inputs=2, fused_ops=("linear_merge",),
+    base=BASE_REQUIRED, min_inputs=2, max_inputs=2,
     summary="spherical interpolation between the base and one model", reference="https://en.wikipedia.org/wiki/Slerp",
 ))
 register(Method(
@@ -210,7 +210,7 @@ register(Method(
         Parameter("nuslerp_row_wise", bool, SHARED, default=False, doc="SLERP each column (dim 0)"),
         Parameter("nuslerp_flatten", bool, SHARED, default=True, doc="SLERP the whole tensor"),
     ),
-    base=BASE_OPTIONAL, min_non_base=2, max_non_base=2, fused_ops=("task_arithmetic", "linear_merge"),
+    base=BASE_OPTIONAL, min_non_base=2, max_non_base=2,
     summary="SLERP of two models or of their task vectors",
 ))
 register(Method(
@@ -220,7 +220,7 @@ register(Method(
         Parameter("normalize_weights", bool, SHARED, default=True, doc="divide the weights by their sum"),
         Parameter("eps", float, SHARED, default=1e-8, low=0.0, low_open=True, doc="ε for norms"),
     ),
-    base=BASE_OPTIONAL, min_non_base=1, fused_ops=("linear_merge", "task_arithmetic"),
+    base=BASE_OPTIONAL, min_non_base=1,
     summary="barycentric interpolation on the hypersphere",
     reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
 ))
@@ -230,6 +230,5 @@ register(Method(
         Parameter("max_iter", int, SHARED, default=10, low=0, doc="iterations at most"),
         Parameter("tol", float, SHARED, default=1e-5, low=0.0, doc="convergence tolerance"),
     ),
-    fused_ops=("linear_merge",),
     summary="Karcher (Riemannian) mean on the hypersphere", reference="https://arxiv.org/abs/2603.04972",
 ))

@@ -240,31 +240,31 @@ def merge_della(consensus: str | None, group: Group, **p) -> torch.Tensor:
     return combine(group, kept, p["weight"], consensus, p["normalize"], p["lambda"])
 
 
-def _gta(name, merge, *, normalize, rescale, extra=(), randomized=False, fused=(), check=None, summary="", ref=""):
+def _gta(name, merge, *, normalize, rescale, extra=(), randomized=False, check=None, summary="", ref=""):
     return register(Method(name=name, merge=merge, parameters=_parameters(normalize, rescale, extra, randomized),
-                           base=BASE_REQUIRED, fused_ops=fused, randomized=randomized, check=check,
+                           base=BASE_REQUIRED, randomized=randomized, check=check,
                            summary=summary, reference=ref))
 
 
-_gta("task_arithmetic", merge_task_arithmetic, normalize=False, rescale=False, fused=("task_arithmetic",),
+_gta("task_arithmetic", merge_task_arithmetic, normalize=False, rescale=False,
      summary="base plus the weighted sum of task vectors", ref="https://arxiv.org/abs/2212.04089")
-_gta("ties", merge_ties, normalize=True, rescale=False, fused=("ties_merge",),
+_gta("ties", merge_ties, normalize=True, rescale=False,
      summary="trim by magnitude, elect sign, disjoint merge", ref="https://arxiv.org/abs/2306.01708")
 _gta("dare_ties", partial(merge_dare, "sum"), normalize=False, rescale=True, randomized=True,
-     fused=("dare_merge",), summary="random drop with L1 rescale, elect sign",
+     summary="random drop with L1 rescale, elect sign",
      ref="https://arxiv.org/abs/2311.03099")
 _gta("dare_linear", partial(merge_dare, None), normalize=False, rescale=True, randomized=True,
-     fused=("dare_merge",), summary="random drop with L1 rescale, weighted sum",
+     summary="random drop with L1 rescale, weighted sum",
      ref="https://arxiv.org/abs/2311.03099")
 _gta("breadcrumbs", partial(merge_breadcrumbs, None), normalize=False, rescale=False, extra=(GAMMA,),
-     fused=("magnitude_mask", "linear_merge"), summary="drop outliers and small entries, weighted sum",
+     summary="drop outliers and small entries, weighted sum",
      ref="https://arxiv.org/abs/2312.06795")
 _gta("breadcrumbs_ties", partial(merge_breadcrumbs, "sum"), normalize=False, rescale=False, extra=(GAMMA,),
-     fused=("magnitude_mask", "ties_merge"), summary="drop outliers and small entries, elect sign",
+     summary="drop outliers and small entries, elect sign",
      ref="https://arxiv.org/abs/2312.06795")
 _gta("della", partial(merge_della, "sum"), normalize=True, rescale=True, extra=(EPSILON,), randomized=True,
-     fused=("ties_merge",), check=check_della, summary="magnitude-ranked random drop, elect sign",
+     check=check_della, summary="magnitude-ranked random drop, elect sign",
      ref="https://arxiv.org/abs/2406.11617")
 _gta("della_linear", partial(merge_della, None), normalize=False, rescale=True, extra=(EPSILON,),
-     randomized=True, fused=("linear_merge",), check=check_della,
+     randomized=True, check=check_della,
      summary="magnitude-ranked random drop, weighted sum", ref="https://arxiv.org/abs/2406.11617")

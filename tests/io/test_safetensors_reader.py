@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 
 import pytest
@@ -171,6 +172,15 @@ def test_corrupted_files_raise_checkpoint_error_naming_the_file(tmp_path, case, 
     with pytest.raises(CheckpointError, match=match) as info:
         open_checkpoint(p)
     assert str(p) in str(info.value)
+
+
+def test_python_and_c_readers_share_one_header_limit():
+    from fusion_engine.io.safetensors_reader import MAX_HEADER_BYTES
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(root, "csrc", "safetensors", "header.h"), encoding="utf-8") as fh:
+        c_limit = re.search(r"kMaxHeaderBytes\s*=\s*([\d']+)", fh.read())[1]
+    assert MAX_HEADER_BYTES == int(c_limit.replace("'", "")) == 100_000_000  # the safetensors crate's limit
 
 
 def test_valid_raw_file_parses(tmp_path):

@@ -114,9 +114,10 @@ def merge(config_path: str, out_dir: str, *, device: str = "cpu", out_shard_size
     output folder and the device. ``dry_run`` stops after printing the plan.
     """
     from .checkpoint.config import load_config
+    from .checkpoint.executor import run_plan
     from .checkpoint.planner import build_plan, plan_summary
+    from .io import Checkpoints, parse_size
     from .io.atomic import check_output_dir
-    from .io.writer import parse_size
 
     device = _check_device(device)
     shard_bytes = parse_size(out_shard_size)
@@ -124,19 +125,18 @@ def merge(config_path: str, out_dir: str, *, device: str = "cpu", out_shard_size
     if not dry_run:
         check_output_dir(out_dir, allow_overwrite)
     start = time.perf_counter()
-    plan = build_plan(config, config_path)
-    # under torchrun every rank plans (cheap, headers only); only rank 0 talks
-    speaks = int(os.environ.get("RANK", "0")) == 0
-    if speaks and (dry_run or not quiet):
-        print(f"plan for {config_path} ({time.perf_counter() - start:.2f} s, no tensor read):")
-        print(plan_summary(plan, config))
-    if dry_run:
-        print("dry run: nothing written")
-        return 0
-    from .checkpoint.executor import run_plan
-
-    summary = run_plan(plan, out_dir, device=device, out_shard_size=shard_bytes, allow_overwrite=allow_overwrite,
-                       quiet=quiet)
+    with Checkpoints() as checkpoints:  # each input opened once: planner, summary and executor share them
+        plan = build_plan(config, config_path, checkpoints=checkpoints)
+        # under torchrun every rank plans (cheap, headers only); only rank 0 talks
+        speaks = int(os.environ.get("RANK", "0")) == 0
+        if speaks and (dry_run or not quiet):
+            print(f"plan for {config_path} ({time.perf_counter() - start:.2f} s, no tensor read):")
+            print(plan_summary(plan, config, checkpoints=checkpoints))
+        if dry_run:
+            print("dry run: nothing written")
+            return 0
+        summary = run_plan(plan, out_dir, device=device, out_shard_size=shard_bytes, allow_overwrite=allow_overwrite,
+                           quiet=quiet, checkpoints=checkpoints)
     if speaks and not quiet:
         seconds = summary.get("seconds", time.perf_counter() - start)
         print(f"wrote {summary.get('out_dir', os.path.abspath(out_dir))}: {summary.get('tensors', len(plan.tasks))} "

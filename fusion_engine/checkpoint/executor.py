@@ -32,7 +32,9 @@ import torch
 
 from ..errors import CheckpointError, ShapeMismatchError
 from ..io.atomic import atomic_output_dir, commit_temp_dir, discard_temp_dir, make_temp_dir
-from ..io.checkpoint import open_checkpoint
+from ..io.checkpoint import Checkpoints
+from ..methods.api import merge_bound, merge_tensors
+from ..methods.registry import get as get_method
 from ..io.writer import (DEFAULT_MAX_SHARD_BYTES, SAFETENSORS_INDEX, ShardedWriter, ShardLayout, parse_size,
                          plan_shards, write_file_synced)
 from . import distributed
@@ -117,9 +119,10 @@ class _Streamer:
         task = job.task
         if _is_plain_copy(job, inputs[0].dtype):
             out = inputs[0]
+        elif task.bound is not None:  # parameters validated by the planner: not again per tensor
+            out = merge_bound(inputs, get_method(task.method), task.bound, base_index=task.base_index,
+                              name=task.out_name, dtype=task.dtype, out_dtype=job.out_dtype)
         else:
-            from .. import merge_tensors
-
             out = merge_tensors(inputs, task.method, parameters=task.parameters, base_index=task.base_index,
                                 name=task.out_name, dtype=task.dtype, out_dtype=job.out_dtype)
         if tuple(out.shape) != tuple(task.shape):
@@ -242,32 +245,17 @@ def write_side_files(plan: MergePlan, ckpts: dict, out_dir: str) -> list[str]:
     return written
 
 
-def _open_all(plan: MergePlan) -> dict:
-    ckpts = {}
-    try:
-        for key, path in plan.models.items():
-            ckpts[key] = open_checkpoint(path)
-    except BaseException:
-        for ck in ckpts.values():
-            ck.close()
-        raise
-    return ckpts
-
-
-def prepare(plan: MergePlan, out_shard_size) -> tuple[dict, list[_Job], ShardLayout]:
-    """Open the inputs, resolve every task's dtype and fix the output layout (no tensor data is read)."""
-    ckpts = _open_all(plan)
-    try:
-        jobs = _resolve_jobs(plan, ckpts)
-        layout = plan_shards([(j.task.out_name, j.out_dtype, tuple(j.task.shape)) for j in jobs],
-                             parse_size(out_shard_size))
-        order = {name: i for i, name in enumerate(layout.slots)}
-        jobs.sort(key=lambda j: order[j.task.out_name])  # write order: shard by shard, offset by offset
-    except BaseException:
-        for ck in ckpts.values():
-            ck.close()
-        raise
-    return ckpts, jobs, layout
+def prepare(plan: MergePlan, out_shard_size, ckpts: Checkpoints) -> tuple[list[_Job], ShardLayout]:
+    """Open the inputs not yet in ``ckpts``, resolve every task's dtype and fix the output layout
+    (no tensor data is read)."""
+    for key, path in plan.models.items():
+        ckpts.open(key, path)
+    jobs = _resolve_jobs(plan, ckpts)
+    layout = plan_shards([(j.task.out_name, j.out_dtype, tuple(j.task.shape)) for j in jobs],
+                         parse_size(out_shard_size))
+    order = {name: i for i, name in enumerate(layout.slots)}
+    jobs.sort(key=lambda j: order[j.task.out_name])  # write order: shard by shard, offset by offset
+    return jobs, layout
 
 
 def stream_jobs(jobs, ckpts, writer, device, max_in_flight, quiet, desc="merging") -> None:
@@ -280,7 +268,7 @@ def stream_jobs(jobs, ckpts, writer, device, max_in_flight, quiet, desc="merging
 
 def run_plan(plan: MergePlan, out_dir: str | os.PathLike, *, device: str | torch.device = "cpu",
              out_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES, allow_overwrite: bool = False,
-             quiet: bool = False, max_in_flight: int = 2) -> dict:
+             quiet: bool = False, max_in_flight: int = 2, checkpoints: Checkpoints | None = None) -> dict:
     """Execute ``plan`` and write the merged checkpoint to ``out_dir`` (atomically).
 
     Parameters
@@ -290,6 +278,8 @@ def run_plan(plan: MergePlan, out_dir: str | os.PathLike, *, device: str | torch
     allow_overwrite : replace an existing ``out_dir`` (otherwise that is a CheckpointError).
     quiet : no progress bar.
     max_in_flight : tasks whose inputs are held at once (1 = no read-ahead; memory grows with it).
+    checkpoints : the inputs :func:`~fusion_engine.checkpoint.planner.build_plan` opened (left open;
+        the caller closes them); None opens the plan's models here.
 
     Returns a summary dict: ``out_dir``, ``tensors``, ``bytes_read``, ``bytes_written``, ``seconds``,
     ``files``, ``world_size``, ``device``.
@@ -303,39 +293,37 @@ def run_plan(plan: MergePlan, out_dir: str | os.PathLike, *, device: str | torch
     _check_output_not_input(out_dir, plan)
     if distributed.world_size_from_env() > 1:
         return _run_plan_ranks(plan, out_dir, device=device, out_shard_size=out_shard_size,
-                                                allow_overwrite=allow_overwrite, quiet=quiet,
-                                                max_in_flight=max_in_flight)
+                               allow_overwrite=allow_overwrite, quiet=quiet, max_in_flight=max_in_flight,
+                               checkpoints=checkpoints)
     device = torch.device(device)
     start = time.perf_counter()
-    ckpts, jobs, layout = prepare(plan, out_shard_size)
-    try:
+    with Checkpoints.borrow(checkpoints) as ckpts:
+        jobs, layout = prepare(plan, out_shard_size, ckpts)
         with atomic_output_dir(out_dir, allow_overwrite) as tmp:
             with ShardedWriter(tmp, layout) as writer:
                 stream_jobs(jobs, ckpts, writer, device, max_in_flight, quiet)
                 files = writer.finish()
             files += write_side_files(plan, ckpts, tmp)
-    finally:
-        for ck in ckpts.values():
-            ck.close()
     return {"out_dir": out_dir, "tensors": len(jobs), "bytes_read": sum(j.read_bytes for j in jobs),
             "bytes_written": layout.total_bytes, "seconds": time.perf_counter() - start, "files": files,
             "world_size": 1, "device": str(device)}
 
 
 def _run_plan_ranks(plan, out_dir: str, *, device="cpu", out_shard_size=DEFAULT_MAX_SHARD_BYTES,
-                         allow_overwrite: bool = False, quiet: bool = False, max_in_flight: int = 2) -> dict:
+                    allow_overwrite: bool = False, quiet: bool = False, max_in_flight: int = 2,
+                    checkpoints: Checkpoints | None = None) -> dict:
     """:func:`run_plan` for one rank of a torch.distributed job (see :mod:`.distributed`)."""
     import torch.distributed as dist
 
     created, device = distributed.init_group(device)
     rank, world = dist.get_rank(), dist.get_world_size()
     start = time.perf_counter()
-    ckpts = {}
+    ckpts = Checkpoints() if checkpoints is None else checkpoints
     try:
         # every rank opens the inputs and plans; a failure anywhere stops all ranks before any output exists
         error = None
         try:
-            ckpts, jobs, layout = prepare(plan, out_shard_size)
+            jobs, layout = prepare(plan, out_shard_size, ckpts)
         except Exception as exc:  # noqa: BLE001 - reported to every rank below
             error = exc
         distributed.raise_if_any(error, rank, world, "planning")
@@ -383,8 +371,8 @@ def _run_plan_ranks(plan, out_dir: str, *, device="cpu", out_shard_size=DEFAULT_
         files = distributed.broadcast(files)
         distributed.raise_if_any(error, rank, world, "finishing the output")
     finally:
-        for ck in ckpts.values():
-            ck.close()
+        if checkpoints is None:
+            ckpts.close()
         if created:
             dist.destroy_process_group()
     return {"out_dir": out_dir, "tensors": len(jobs), "bytes_read": sum(j.read_bytes for j in jobs),

@@ -37,7 +37,9 @@ class TensorTask:
     ``parameters`` are the method's parameters after resolving every config level and gradient for
     this tensor: per-input ones as lists aligned with ``inputs``, global ones as scalars. They are
     passed unchanged to :func:`fusion_engine.merge_tensors`. ``method == "passthrough"`` with one
-    input copies it (frankenmerge slices).
+    input copies it (frankenmerge slices). ``bound`` holds them as the planner validated and bound
+    them (:func:`fusion_engine.methods.validate_parameters`), so the executor merges without checking
+    them again; None (a plan made by hand) makes the executor bind ``parameters`` itself.
     """
 
     out_name: str
@@ -48,6 +50,7 @@ class TensorTask:
     shape: tuple[int, ...]
     dtype: torch.dtype | None = None
     out_dtype: torch.dtype | None = None
+    bound: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     @property
     def out_numel(self) -> int:

@@ -38,7 +38,7 @@ import torch
 from .. import methods as _methods
 from .config import MergeConfig, SliceSource, located, resolve, suggest
 from ..errors import CheckpointError, ConfigError, FusionEngineError, MissingTensorError, ShapeMismatchError
-from ..io import Checkpoint, open_checkpoint
+from ..io import Checkpoints
 from .plan import SIDE_FILES, MergePlan, TensorRef, TensorTask
 
 LAYER_RE = re.compile(r"^(?P<prefix>(?:.*?\.)?(?:layers|h|blocks|layer|block)\.)(?P<index>\d+)\.(?P<suffix>.+)$")
@@ -123,14 +123,14 @@ class _Group:
 class Planner:
     """Builds a :class:`MergePlan` from a :class:`MergeConfig`; see the module docstring for the rules."""
 
-    def __init__(self, config: MergeConfig, config_path: str | None = None):
+    def __init__(self, config: MergeConfig, config_path: str | None, checkpoints: Checkpoints):
         self.config = config
         self.config_path = config_path or config.path
-        self.checkpoints: dict[str, Checkpoint] = {}
+        self.checkpoints = checkpoints  # opened here, owned (and closed) by the caller
         self.paths: dict[str, str] = {}
         self.layouts: dict[str, Layout] = {}
         self.names: dict[str, set[str]] = {}
-        self._validated: set = set()
+        self._bound: dict[tuple, dict[str, Any]] = {}  # validated parameters, shared by equal tasks
 
     # ------------------------------------------------------------------ errors
     def _where(self, line: int | None, problem: str, fix: str | None = None) -> str:
@@ -157,7 +157,7 @@ class Planner:
         for model in self.config.referenced_models():
             path = self._local_path(model)
             try:
-                ckpt = open_checkpoint(path)
+                ckpt = self.checkpoints.open(model, path)
                 cfg = ckpt.config() or {}
                 names = ckpt.names()
                 for n in names:  # headers: every tensor's shape and dtype, checked for truncation
@@ -165,7 +165,7 @@ class Planner:
             except FusionEngineError as exc:
                 raise type(exc)(self._where(self.config.model_line(model), f"model '{model}': {exc}")) from None
             hint = next((cfg[k] for k in NUM_LAYERS_KEYS if isinstance(cfg.get(k), int)), None)
-            self.checkpoints[model], self.paths[model] = ckpt, path
+            self.paths[model] = path
             self.names[model] = set(names)
             self.layouts[model] = layout_of(names, hint)
         self._check_architectures()
@@ -183,10 +183,6 @@ class Planner:
                                                   f"{ref_cfg[key]!r}; models of different architectures cannot "
                                                   "be merged tensor by tensor",
                                                   "merge models fine-tuned from the same base architecture"))
-
-    def close(self) -> None:
-        for ckpt in self.checkpoints.values():
-            ckpt.close()
 
     # ------------------------------------------------------------------ groups
     def _groups(self) -> list[tuple[_Group, list[tuple[int, int]] | None]]:
@@ -317,10 +313,10 @@ class Planner:
                                                           "sources", "add it as a source with the same layer_range"))
             base_index = models.index(group.base)
         parameters, lines = self._parameters(group, inputs, out_name, base_index, t)
-        self._validate(parameters, lines, inputs, base_index, out_name, group)
+        bound = self._validate(parameters, lines, inputs, base_index, out_name, group)
         return TensorTask(out_name=out_name, method=self.spec.name, inputs=inputs, base_index=base_index,
                           parameters=parameters, shape=shapes[0], dtype=self.config.dtype,
-                          out_dtype=self.config.out_dtype or self.config.dtype)
+                          out_dtype=self.config.out_dtype or self.config.dtype, bound=bound)
 
     def _parameters(self, group: _Group, inputs: list[TensorRef], out_name: str, base_index: int | None,
                     t: float) -> tuple[dict[str, Any], dict[str, int | None]]:
@@ -366,13 +362,15 @@ class Planner:
         return values, lines
 
     def _validate(self, parameters: dict, lines: dict, inputs: list[TensorRef], base_index: int | None,
-                  out_name: str, group: _Group) -> None:
+                  out_name: str, group: _Group) -> dict[str, Any]:
+        """The method's parameters for this tensor, bound and checked once per distinct set."""
         n_inputs = len(inputs)
         key = (repr(sorted(parameters.items())), n_inputs, base_index)
-        if key in self._validated:
-            return
+        if key in self._bound:
+            return self._bound[key]
         try:
-            _methods.validate_parameters(self.spec.name, parameters, n_inputs, base_index=base_index, label=out_name)
+            bound = _methods.validate_parameters(self.spec.name, parameters, n_inputs, base_index=base_index,
+                                                 label=out_name)
         except ConfigError as exc:
             msg = re.sub(r"for input (\d+)", lambda m: f"for input {m[1]} ('{inputs[int(m[1])].model}')"
                          if int(m[1]) < len(inputs) else m[0], str(exc))
@@ -384,7 +382,8 @@ class Planner:
             line = lines.get(named[0]) if named else (group.line if self.config.slices else
                                                       self.config.line_of("merge_method"))
             raise ConfigError(self._where(line, msg)) from None
-        self._validated.add(key)
+        self._bound[key] = bound
+        return bound
 
     # ------------------------------------------------------------------ side files
     def _config_json(self, ref_model: str, num_layers: int) -> dict | None:
@@ -449,21 +448,25 @@ class Planner:
         return files
 
 
-def build_plan(config: MergeConfig, config_path: str | None = None) -> MergePlan:
-    """Validate ``config`` against its checkpoints' headers and plan every output tensor (no data read)."""
-    planner = Planner(config, config_path)
-    try:
-        return planner.build()
-    finally:
-        planner.close()
+def build_plan(config: MergeConfig, config_path: str | None = None, *,
+               checkpoints: Checkpoints | None = None) -> MergePlan:
+    """Validate ``config`` against its checkpoints' headers and plan every output tensor (no data read).
+
+    ``checkpoints``: a run's open inputs (filled here, left open for :func:`plan_summary` and
+    :func:`~fusion_engine.checkpoint.executor.run_plan`, closed by the caller); None opens and closes them here.
+    """
+    with Checkpoints.borrow(checkpoints) as opened:
+        return Planner(config, config_path, opened).build()
 
 
-def plan_summary(plan: MergePlan, config: MergeConfig | None = None) -> str:
+def plan_summary(plan: MergePlan, config: MergeConfig | None = None, *, checkpoints: Checkpoints | None = None) -> str:
     """What a merge will do (for ``--dry-run``): the models, the output groups (layers, sources and
-    method of each), tensors and bytes written per method, bytes read. Reads headers only."""
+    method of each), tensors and bytes written per method, bytes read. Reads headers only (those of
+    ``checkpoints`` when given, as :func:`build_plan` left them open)."""
     infos: dict[tuple[str, str], Any] = {}
-    for key, path in plan.models.items():
-        with open_checkpoint(path) as ckpt:
+    with Checkpoints.borrow(checkpoints) as opened:
+        for key, path in plan.models.items():
+            ckpt = opened.open(key, path)
             needed = {ref.name for task in plan.tasks for ref in task.inputs if ref.model == key}
             infos.update({(key, name): ckpt.info(name) for name in needed})
     by_method: dict[str, list[int]] = {}

@@ -15,6 +15,7 @@ Names, shapes and dtypes come from headers only; no tensor data is read until :m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import torch
@@ -27,18 +28,19 @@ SAFETENSORS_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 
-__all__ = ["Checkpoint", "TensorInfo", "open_checkpoint"]
+__all__ = ["Checkpoint", "Checkpoints", "TensorInfo", "open_checkpoint"]
 
 
 class Checkpoint:
     """A set of tensors spread over one or more files. Use as a context manager or call :meth:`close`."""
 
     def __init__(self, path: str, files: dict[str, str], config_dir: str | None,
-                 loaded_bins: dict[str, dict[str, torch.Tensor]] | None = None):
+                 loaded_bins: dict[str, dict[str, torch.Tensor]] | None = None,
+                 opened: dict[str, SafetensorsFile] | None = None):
         self.path = path
         self._weight_map = files  # tensor name -> file path
         self._config_dir = config_dir
-        self._safetensors: dict[str, SafetensorsFile] = {}
+        self._safetensors: dict[str, SafetensorsFile] = dict(opened or {})  # headers parsed once per file
         self._bin: dict[str, dict[str, torch.Tensor]] = dict(loaded_bins or {})
 
     # ------------------------------------------------------------------ lookup
@@ -181,15 +183,22 @@ def _weight_map_from_index(index_path: str) -> dict[str, str]:
     return files
 
 
-def _union_of_safetensors(paths: list[str], where: str) -> dict[str, str]:
+def _union_of_safetensors(paths: list[str], where: str, folder: str) -> Checkpoint:
+    """The checkpoint made of the safetensors ``paths``, which stay open (their headers parsed once)."""
     files: dict[str, str] = {}
-    for path in paths:
-        with SafetensorsFile(path) as f:
+    opened: dict[str, SafetensorsFile] = {}
+    try:
+        for path in paths:
+            f = opened[path] = SafetensorsFile(path)
             for name in f.names():
                 if name in files:
                     raise CheckpointError(f"{where}: tensor {name!r} is in both {files[name]} and {path}")
                 files[name] = path
-    return files
+    except BaseException:
+        for f in opened.values():
+            f.close()
+        raise
+    return Checkpoint(where, files, folder, opened=opened)
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -202,10 +211,10 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         if os.path.isfile(os.path.join(folder, SAFETENSORS_INDEX)):
             files = _weight_map_from_index(os.path.join(folder, SAFETENSORS_INDEX))
         elif os.path.isfile(os.path.join(folder, SAFETENSORS_SINGLE)):
-            files = _union_of_safetensors([os.path.join(folder, SAFETENSORS_SINGLE)], path)
+            return _union_of_safetensors([os.path.join(folder, SAFETENSORS_SINGLE)], path, folder)
         elif any(n.endswith(".safetensors") for n in os.listdir(folder)):
             shards = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".safetensors"))
-            files = _union_of_safetensors(shards, path)
+            return _union_of_safetensors(shards, path, folder)
         elif os.path.isfile(os.path.join(folder, BIN_INDEX)):
             files = _weight_map_from_index(os.path.join(folder, BIN_INDEX))
         elif os.path.isfile(os.path.join(folder, BIN_SINGLE)):
@@ -218,7 +227,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if path.endswith(".index.json"):
         files = _weight_map_from_index(path)
     elif path.endswith(".safetensors"):
-        files = _union_of_safetensors([path], path)
+        return _union_of_safetensors([path], path, folder)
     elif path.endswith((".bin", ".pt", ".pth")):
         return _open_bin_file(path, path, folder)
     else:
@@ -230,3 +239,38 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
 def _open_bin_file(path: str, file: str, folder: str) -> Checkpoint:
     state_dict = _load_bin(file)
     return Checkpoint(path, {name: file for name in state_dict}, folder, {file: state_dict})
+
+
+class Checkpoints(dict):
+    """Open checkpoints by key (a model as the config names it), closed together.
+
+    One run opens each input once and shares it: the planner reads the headers, the dry-run summary and
+    the executor reuse the same :class:`Checkpoint` objects (no header is parsed twice).
+    """
+
+    def open(self, key: str, path: str | os.PathLike) -> Checkpoint:
+        """The checkpoint ``key``, opened from ``path`` unless it already is."""
+        if key not in self:
+            self[key] = open_checkpoint(path)
+        return self[key]
+
+    def close(self) -> None:
+        for ckpt in self.values():
+            ckpt.close()
+        self.clear()
+
+    def __enter__(self) -> "Checkpoints":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @staticmethod
+    @contextlib.contextmanager
+    def borrow(checkpoints: "Checkpoints | None"):
+        """``checkpoints`` itself, left open (its owner closes it), or a new set closed on exit."""
+        if checkpoints is not None:
+            yield checkpoints
+            return
+        with Checkpoints() as own:
+            yield own

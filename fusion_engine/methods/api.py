@@ -117,6 +117,20 @@ def merge_tensors(tensors: Sequence[torch.Tensor], method: str | R.Method, *,
         raise ConfigError(f"{m.name}{f' for {label}' if label else ''}: no input tensors")
     bound = R.validate_parameters(m, parameters, len(tensors), base_index=base_index, ids=ids, label=label)
     base_index = m.check_inputs(len(tensors), base_index, label)
+    return merge_bound(tensors, m, bound, ids=ids, base_index=base_index, name=name, dtype=dtype,
+                       out_dtype=out_dtype, check_finite=check_finite, backend=backend)
+
+
+def merge_bound(tensors: list[torch.Tensor], method: R.Method, bound: dict[str, Any], *,
+                ids: Sequence[Hashable] | None = None, base_index: int | None = None, name: str | None = None,
+                dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None, check_finite: bool = True,
+                backend: str | None = None) -> torch.Tensor:
+    """:func:`merge_tensors` for parameters already bound and checked by :func:`validate_parameters`
+    (and an input count and base the method takes): the checkpoint executor merges its planned
+    tasks with it, the planner having validated each distinct parameter set once. The tensors are
+    still checked (floating, one shape, one device, finite)."""
+    m = method
+    label = name or ""
     ids = list(range(len(tensors))) if ids is None else list(ids)
     _check_tensors(m.name, tensors, ids, label)
     _check_dtype_arg("dtype", dtype)

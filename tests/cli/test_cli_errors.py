@@ -166,7 +166,7 @@ def test_bad_arguments_exit_2(capsys):
 
 
 def test_other_failures_exit_1_and_leave_nothing(capsys, monkeypatch):
-    import fusion_engine
+    from fusion_engine.checkpoint import executor
 
     m = tiny_llamas()
     folder = scratch("fail")
@@ -179,8 +179,8 @@ def test_other_failures_exit_1_and_leave_nothing(capsys, monkeypatch):
             raise RuntimeError("simulated failure in the middle of the merge")
         return original(*args, **kwargs)
 
-    original = fusion_engine.merge_tensors
-    monkeypatch.setattr(fusion_engine, "merge_tensors", exploding_merge)
+    original = executor.merge_bound  # the executor merges planned tasks with their bound parameters
+    monkeypatch.setattr(executor, "merge_bound", exploding_merge)
     assert run_cli("merge", config, os.path.join(folder, "out"), "--quiet") == 1
     err = capsys.readouterr().err
     assert "simulated failure" in err and "Traceback" not in err

@@ -30,6 +30,26 @@ def reference_merge():
     return config, out
 
 
+def test_one_run_parses_each_header_once_and_validates_parameters_once(reference_merge, monkeypatch):
+    from fusion_engine import methods
+    from fusion_engine.io import safetensors_reader
+    from fusion_engine.methods import registry
+
+    config, out = reference_merge
+    parsed, validated = [], []
+    parse_header, validate = safetensors_reader.parse_header, registry.validate_parameters
+    monkeypatch.setattr(safetensors_reader, "parse_header", lambda path, *a: parsed.append(path) or parse_header(path, *a))
+    for where in (registry, methods):  # merge_tensors calls the first, the planner the second
+        monkeypatch.setattr(where, "validate_parameters", lambda *a, **k: validated.append(a) or validate(*a, **k))
+    folder = scratch("once")
+    assert run_cli("merge", config, os.path.join(folder, "out"), "--quiet") == 0
+    assert sorted(parsed) == sorted(set(parsed)) and len(parsed) == 3  # base, model_0, model_1: once each
+    # the planner validates each distinct parameter set (the density gradient makes one per layer), the
+    # executor none of the 39 tensors again
+    assert 0 < len(validated) < 39
+    assert load_dir(os.path.join(folder, "out")).keys() == load_dir(out).keys()
+
+
 def test_merge_writes_a_complete_checkpoint(reference_merge):
     config, out = reference_merge
     files = sorted(os.listdir(out))

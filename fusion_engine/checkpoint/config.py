@@ -22,11 +22,8 @@ A config is the mergekit schema (``mergekit-yaml`` reads the same files)::
     out_dtype: bfloat16                # the written tensors' dtype
     tokenizer_source: base             # base | a model | (none: the base's tokenizer files are copied)
 
-Parameter values resolve most specific first: the model (slice source) level, then the slice level,
-then the global level; the first level that has the parameter and whose filter matches wins. A
-gradient ``[v0, ..., v(m-1)]`` evaluated at the relative layer position ``t ∈ [0, 1]`` is
-``(1 - f)·v(i) + f·v(i+1)`` with ``s = t·(m-1)``, ``i = ⌊s⌋``, ``f = s - i`` (mergekit's rule; a
-list of strings or booleans picks ``v(⌊t·(m-1)⌋)``).
+This module only parses: the values stay as written (:class:`Setting`); the planner
+(:mod:`fusion_engine.checkpoint.planner`) resolves them per tensor (levels, filters, gradients).
 
 Every error is a :class:`~fusion_engine.errors.ConfigError` that names the file and line and says
 how to fix it: ``config.yaml line 7: density must be in [0, 1], got 1.5 (fix: ...)``.
@@ -117,10 +114,6 @@ class MergeConfig:
     path: str | None = None  # the file it was read from (copied to the output as mergekit_config.yml)
     text: str = ""
     lines: dict[str, int] = field(default_factory=dict)
-
-    def error(self, line: int | None, problem: str, fix: str | None = None) -> ConfigError:
-        """A ConfigError quoting this file and line: ``config.yaml line N: problem (fix: ...)``."""
-        return ConfigError(located(self.filename, line, problem, fix))
 
     def line_of(self, key: str) -> int | None:
         return self.lines.get(key)
@@ -426,47 +419,3 @@ def _conditional(doc: _Doc, node: yaml.Node, name: str) -> Conditional:
             raise doc.error(entries["filter"][1], f"the filter of '{name}' must be a non-empty string "
                             "(a part of the tensor name)", "write e.g. filter: self_attn")
     return Conditional(_scalar_or_gradient(doc, entries["value"][1], name), flt, line_of(node))
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-def matches(flt: str | None, tensor_name: str) -> bool:
-    """mergekit's filter rule: no filter or ``*`` matches all; otherwise a substring of the name."""
-    return flt is None or flt == "*" or (bool(tensor_name) and flt in tensor_name)
-
-
-def interpolate(values: list[Scalar], t: float) -> Scalar:
-    """A gradient at relative layer position ``t``: linear between neighbouring numbers, else a pick."""
-    if len(values) == 1:
-        return values[0]
-    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-    scaled = t * (len(values) - 1)
-    i0 = int(scaled)
-    if not numeric:
-        return values[i0]
-    i1 = min(len(values) - 1, i0 + 1)
-    frac = scaled - i0
-    return (1 - frac) * values[i0] + frac * values[i1]
-
-
-def evaluate(setting: Setting, tensor_name: str, t: float) -> tuple[bool, Any, int]:
-    """``(found, value, line)`` of one level's setting for a tensor at layer position ``t``."""
-    value = setting.value
-    if isinstance(value, list) and value and isinstance(value[0], Conditional):
-        for cond in value:
-            if matches(cond.filter, tensor_name):
-                v = cond.value
-                return True, interpolate(v, t) if isinstance(v, list) else v, cond.line
-        return False, None, setting.line
-    return True, interpolate(value, t) if isinstance(value, list) else value, setting.line
-
-
-def resolve(name: str, levels: list[dict[str, Setting]], tensor_name: str, t: float) -> tuple[bool, Any, int | None]:
-    """The first level (most specific first) that sets ``name`` for this tensor: ``(found, value, line)``."""
-    for level in levels:
-        if level and name in level:
-            found, value, line = evaluate(level[name], tensor_name, t)
-            if found:
-                return True, value, line
-    return False, None, None

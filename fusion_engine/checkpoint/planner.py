@@ -18,10 +18,13 @@ Layout, as mergekit plans it:
 * The gradient position of layer ``j`` of an ``n``-layer slice is ``t = j / (n - 1)`` (1 when
   ``n = 1``); pre and post tensors use ``t = 0``.
 * Parameters: a per-input parameter (``weight``, ``density``, ...) resolves, for each input, from
-  that source's ``parameters`` > the slice's > the global ones, filters matched against the input's
-  tensor name; a shared parameter (``t``, ``normalize``, ``lambda``, ...) from the slice's > the
+  that source's ``parameters`` > the slice's > the global ones (the first level that sets it and
+  whose filter matches wins: mergekit's filter rule, a substring of the tensor name), filters matched
+  against the input's tensor name; a shared parameter (``t``, ``normalize``, ``lambda``, ...) from the slice's > the
   global ones, matched against the output name. Per-input parameters that do not apply to the base
-  (``non_base`` scope) are ``None`` in the base's slot.
+  (``non_base`` scope) are ``None`` in the base's slot. A gradient ``[v0, ..., v(m-1)]`` at layer
+  position ``t`` is ``(1 - f)·v(i) + f·v(i+1)`` with ``s = t·(m-1)``, ``i = ⌊s⌋``, ``f = s - i``
+  (mergekit's rule; a list of strings or booleans picks ``v(⌊t·(m-1)⌋)``).
 * A model without ``lm_head.weight`` whose config ties it to the input embedding contributes its
   embedding matrix instead (tied embeddings).
 """
@@ -36,9 +39,9 @@ from typing import Any
 import torch
 
 from .. import methods as _methods
-from .config import MergeConfig, SliceSource, located, resolve, suggest
 from ..errors import CheckpointError, ConfigError, FusionEngineError, MissingTensorError, ShapeMismatchError
 from ..io import Checkpoints
+from .config import Conditional, MergeConfig, Scalar, Setting, SliceSource, located, suggest
 from .plan import SIDE_FILES, MergePlan, TensorRef, TensorTask
 
 LAYER_RE = re.compile(r"^(?P<prefix>(?:.*?\.)?(?:layers|h|blocks|layer|block)\.)(?P<index>\d+)\.(?P<suffix>.+)$")
@@ -105,6 +108,50 @@ def tied_source(name: str, ckpt_names: set[str]) -> str | None:
         if candidate in ckpt_names:
             return candidate
     return None
+
+
+# --------------------------------------------------------------------------- parameter values per tensor
+
+
+def matches(flt: str | None, tensor_name: str) -> bool:
+    """mergekit's filter rule: no filter or ``*`` matches all; otherwise a substring of the name."""
+    return flt is None or flt == "*" or (bool(tensor_name) and flt in tensor_name)
+
+
+def interpolate(values: list[Scalar], t: float) -> Scalar:
+    """A gradient at relative layer position ``t``: linear between neighbouring numbers, else a pick."""
+    if len(values) == 1:
+        return values[0]
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    scaled = t * (len(values) - 1)
+    i0 = int(scaled)
+    if not numeric:
+        return values[i0]
+    i1 = min(len(values) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * values[i0] + frac * values[i1]
+
+
+def evaluate(setting: Setting, tensor_name: str, t: float) -> tuple[bool, Any, int]:
+    """``(found, value, line)`` of one level's setting for a tensor at layer position ``t``."""
+    value = setting.value
+    if isinstance(value, list) and value and isinstance(value[0], Conditional):
+        for cond in value:
+            if matches(cond.filter, tensor_name):
+                v = cond.value
+                return True, interpolate(v, t) if isinstance(v, list) else v, cond.line
+        return False, None, setting.line
+    return True, interpolate(value, t) if isinstance(value, list) else value, setting.line
+
+
+def resolve(name: str, levels: list[dict[str, Setting]], tensor_name: str, t: float) -> tuple[bool, Any, int | None]:
+    """The first level (most specific first) that sets ``name`` for this tensor: ``(found, value, line)``."""
+    for level in levels:
+        if level and name in level:
+            found, value, line = evaluate(level[name], tensor_name, t)
+            if found:
+                return True, value, line
+    return False, None, None
 
 
 # --------------------------------------------------------------------------- planning

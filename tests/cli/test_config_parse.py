@@ -6,7 +6,8 @@ import pytest
 import torch
 import yaml
 
-from fusion_engine.checkpoint.config import Conditional, evaluate, interpolate, load_config, parse_config, resolve
+from fusion_engine.checkpoint.config import Conditional, load_config, parse_config
+from fusion_engine.checkpoint.planner import evaluate, interpolate, resolve
 from fusion_engine.errors import ConfigError
 
 FULL = """\

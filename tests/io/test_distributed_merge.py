@@ -65,7 +65,9 @@ def models(tmp_path_factory):
     return {f"m{i}": write_model(root / f"m{i}", state_dict(10 + i), shards=1 + i % 2) for i in range(3)}
 
 
-@pytest.mark.parametrize("shard", [1500, 10**9], ids=["sharded", "single_file"])
+# one file is the same protocol as several (the writer's layouts are tested in test_sharded_writer.py):
+# that case runs with the slow tests
+@pytest.mark.parametrize("shard", [1500, pytest.param(10**9, marks=pytest.mark.slow)], ids=["sharded", "single_file"])
 def test_two_process_gloo_merge_equals_single_process_byte_for_byte(models, tmp_path, shard):
     run_plan(linear_plan(models, WEIGHTS), tmp_path / "single", quiet=True, out_shard_size=shard)
     results = _run_ranks(2, models, tmp_path / "dist", shard)

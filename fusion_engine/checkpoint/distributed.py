@@ -22,7 +22,6 @@ with the same ``out_shard_size``. The process group is only used for coordinatio
 from __future__ import annotations
 
 import os
-import time
 
 import torch
 

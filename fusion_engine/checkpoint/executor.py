@@ -33,10 +33,10 @@ import torch
 from ..errors import CheckpointError, ShapeMismatchError
 from ..io.atomic import atomic_output_dir, commit_temp_dir, discard_temp_dir, make_temp_dir
 from ..io.checkpoint import Checkpoints
-from ..methods.api import merge_bound, merge_tensors
-from ..methods.registry import get as get_method
 from ..io.writer import (DEFAULT_MAX_SHARD_BYTES, SAFETENSORS_INDEX, ShardedWriter, ShardLayout, parse_size,
                          plan_shards, write_file_synced)
+from ..methods.api import merge_bound, merge_tensors
+from ..methods.registry import get as get_method
 from . import distributed
 from .plan import SIDE_FILES, MergePlan, TensorTask
 

@@ -12,6 +12,7 @@ the evaluation table (``fusion-engine evaluate``) can train real models instead 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -66,10 +67,20 @@ def make_mlp(hidden: tuple[int, ...] = (128, 128), *, seed: int = 0, n_in: int =
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 30, batch_size: int = 64,
-          lr: float = 1e-3, weight_decay: float = 0.0, seed: int = 0) -> nn.Module:
-    """Adam on cross-entropy, minibatches shuffled with ``seed``; trains ``model`` in place and returns it."""
+          lr: float = 1e-3, weight_decay: float = 0.0, seed: int = 0,
+          optimizer: Callable[[torch.optim.Optimizer], torch.optim.Optimizer] | None = None,
+          after_step: Callable[[nn.Module, torch.optim.Optimizer], None] | None = None,
+          after_epoch: Callable[[nn.Module], None] | None = None) -> nn.Module:
+    """Adam on cross-entropy, minibatches shuffled with ``seed``; trains ``model`` in place and returns it.
+
+    Hooks for training-time averaging: ``optimizer`` wraps the Adam optimizer (e.g. in Lookahead);
+    ``after_step(model, optimizer)`` runs after every optimizer step (e.g. a cyclic learning rate that
+    collects snapshots), ``after_epoch(model)`` after every epoch (e.g. LAWA or SWAG collecting).
+    """
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    if optimizer is not None:
+        opt = optimizer(opt)
     model.train()
     for _ in range(epochs):
         order = torch.randperm(len(y), generator=g)
@@ -78,6 +89,10 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 3
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
+            if after_step is not None:
+                after_step(model, opt)
+        if after_epoch is not None:
+            after_epoch(model)
     model.eval()
     return model
 

@@ -35,6 +35,7 @@ from ..connectivity import PathScan, fit_curve, interpolate, loss_barrier
 from ..ensemble import Ensemble
 from .digits import evaluate, make_mlp, train
 from .tasks import MultiTaskSetup, TaskConfig, build_tasks, make_tasks, train_multitask
+from .trajectory import TrajectoryConfig, trajectory_methods
 
 LAMBDA_GRID = tuple(round(0.1 * i, 1) for i in range(1, 21))  # 0.1 … 2.0
 
@@ -44,6 +45,7 @@ class EvalConfig:
     """Everything the evaluation builds; the defaults are the published table's configuration."""
 
     tasks: TaskConfig = TaskConfig()
+    trajectory: TrajectoryConfig = TrajectoryConfig()  # training-time averaging rows (LAWA, SWAG, ...)
     lambda_grid: tuple[float, ...] = LAMBDA_GRID   # task arithmetic / TIES / DARE λ, chosen on validation
     ties_density: float = 0.2
     dare_density: float = 0.5
@@ -216,6 +218,9 @@ def merge_table(setup: MultiTaskSetup, config: EvalConfig) -> list[Row]:
                 note="model k on task k")]
     multitask, seconds = _timed(lambda: train_multitask(setup))
     rows.append(Row("Multi-task trained", setup.accuracies(multitask), seconds, "training time"))
+    for method, build in trajectory_methods(setup, config.trajectory).items():
+        (model, note), seconds = _timed(build)
+        rows.append(Row(method, setup.accuracies(model), seconds, note + "; training time"))
     for method, build in merge_methods(setup, config).items():
         (state_dict, note), seconds = _timed(build)
         rows.append(Row(method, setup.accuracies(load_state(setup.pretrained, state_dict)), seconds, note))

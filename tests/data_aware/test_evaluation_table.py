@@ -13,6 +13,8 @@ pytest.importorskip("matplotlib")
 
 MERGES = ["Simple average", "Task arithmetic", "TIES", "DARE", "Fisher", "RegMean", "AdaMerging (task-wise)",
           "AdaMerging (layer-wise)"]
+TRAJECTORY = ["LAWA (multi-task run)", "SWAG (multi-task run)", "Lookahead (multi-task run)",
+              "Snapshot ensemble (multi-task run)", "FGE (multi-task run)"]
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +24,7 @@ def report():
 
 def test_table_has_every_row(report):
     methods = [r.method for r in report.rows]
-    assert methods == ["Pre-trained", "Individual fine-tuned", "Multi-task trained", *MERGES,
+    assert methods == ["Pre-trained", "Individual fine-tuned", "Multi-task trained", *TRAJECTORY, *MERGES,
                        "Ensemble (mean logits)"]
     assert report.task_names == list(TaskConfig().tasks)
     for r in report.rows:
@@ -43,6 +45,13 @@ def test_the_table_is_meaningful(report):
     assert pre < 0.5                              # which the pre-trained model cannot do
     assert average < individual - 0.2             # averaging loses a lot: there is something to recover
     assert report.row("Task arithmetic").average > average
+
+
+def test_training_time_averaging_rows_learn_the_tasks(report):
+    """Every training-time average comes from a run that learns all tasks (the multi-task run's level)."""
+    multitask = report.row("Multi-task trained").average
+    for method in TRAJECTORY:
+        assert report.row(method).average > multitask - 0.05, (method, report.row(method).average, multitask)
 
 
 def test_alignment_part(report):

@@ -8,6 +8,8 @@
     fusion-engine backends               which backends can run here, and why not
     fusion-engine evaluate               the merge-method table on scikit-learn's digits; writes
                                          eval/results.md and eval/barrier.png
+    fusion-engine analyze                task-vector geometry, interpolation curves, barriers per
+                                         layer, CKA and loss planes of models; writes a report
 
 Exit codes: 0 ok; 2 bad arguments or bad input (config, checkpoints, shapes, missing tensors,
 existing output folder), with the message on stderr; 1 any other failure.
@@ -23,6 +25,7 @@ import time
 import torch
 
 from . import __version__, backends, ops
+from .analysis import command as analysis_command
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -195,6 +198,8 @@ def _parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--out", default="eval", help="output folder (default: eval)")
     p_eval.add_argument("--seed", type=int, default=0, help="seed of the data split, training and merges")
     p_eval.add_argument("--no-alignment", action="store_true", help="skip the two-model alignment part")
+
+    analysis_command.add_parser(sub)
     return parser
 
 
@@ -220,6 +225,8 @@ def main(argv=None) -> int:
 
             return evaluate_main(["--out", args.out, "--seed", str(args.seed)]
                                  + (["--no-alignment"] if args.no_alignment else []))
+        if args.command == "analyze":
+            return analysis_command.run(args, parser)
         for name, status in backends().items():
             print(f"{name:8s} {status!r}")
         return 0

@@ -8,6 +8,7 @@
     fusion-engine backends               which backends can run here, and why not
     fusion-engine evaluate               the merge-method table on scikit-learn's digits; writes
                                          eval/results.md and eval/barrier.png
+    fusion-engine measure MODEL --data F Fisher / Gram statistics of a causal LM on local prompts
     fusion-engine analyze                task-vector geometry, interpolation curves, barriers per
                                          layer, CKA and loss planes of models; writes a report
 
@@ -26,6 +27,7 @@ import torch
 
 from . import __version__, backends, ops
 from .analysis import command as analysis_command
+from .data_aware import command as measure_command
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -200,6 +202,7 @@ def _parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--no-alignment", action="store_true", help="skip the two-model alignment part")
 
     analysis_command.add_parser(sub)
+    measure_command.add_parser(sub)
     return parser
 
 
@@ -227,6 +230,8 @@ def main(argv=None) -> int:
                                  + (["--no-alignment"] if args.no_alignment else []))
         if args.command == "analyze":
             return analysis_command.run(args, parser)
+        if args.command == "measure":
+            return measure_command.run(args, parser)
         for name, status in backends().items():
             print(f"{name:8s} {status!r}")
         return 0

@@ -14,7 +14,6 @@ Everything is offline and seeded.
 from __future__ import annotations
 
 import copy
-import json
 import os
 from typing import Sequence
 
@@ -23,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import CheckpointError, ConfigError
+from ..io.prompts import load_token_ids
 from .report import AnalysisReport, analyze
 
 
@@ -138,7 +138,7 @@ def checkpoint_analysis(models: Sequence[str], *, base: str | None = None, data:
     if data is not None:
         if len(models) < 2:
             raise ConfigError("analyze --data needs at least two models (curves run between the first two)")
-        ids = _tokenize_prompts(data, base or models[0], max_prompts, max_tokens)
+        ids = load_token_ids(data, base or models[0], max_prompts=max_prompts, max_tokens=max_tokens)
         lms = [_load_causal_lm(m) for m in models]
         lm_report = analyze(lms, labels=labels, evaluate=lambda m: lm_scores(m, ids, batch_size=8),
                             cka_batches=[ids[i:i + 8] for i in range(0, len(ids), 8)],
@@ -160,50 +160,6 @@ def _load_causal_lm(path: str) -> nn.Module:
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: cannot be loaded as a causal LM by transformers ({exc}); analyze --data "
                               f"needs HF causal-LM folders (config.json + weights)") from exc
-
-
-def _tokenize_prompts(data: str, tokenizer_dir: str, max_prompts: int, max_tokens: int) -> torch.Tensor:
-    prompts = _read_prompts(data, max_prompts)
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{tokenizer_dir}: no tokenizer to encode {data} ({exc}); put the tokenizer files "
-                              f"in the base (or first) model's folder") from exc
-    rows = [tok(p, add_special_tokens=True)["input_ids"][:max_tokens] for p in prompts]
-    rows = [r for r in rows if len(r) >= 2]
-    if not rows:
-        raise ConfigError(f"{data}: no prompt has two or more tokens")
-    width = min(len(r) for r in rows)  # equal lengths: no padding tokens in the loss
-    return torch.tensor([r[:width] for r in rows])
-
-
-def _read_prompts(path: str, limit: int) -> list[str]:
-    if not os.path.isfile(path):
-        raise ConfigError(f"--data {path}: no such file (a .txt with one prompt per line, or .jsonl with a "
-                          f"'text' or 'prompt' field)")
-    prompts = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            if path.endswith(".jsonl"):
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ConfigError(f"{path} line {number}: not JSON ({exc.msg})") from None
-                text = record.get("text", record.get("prompt")) if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    raise ConfigError(f"{path} line {number}: needs a string 'text' or 'prompt' field")
-                line = text
-            prompts.append(line)
-            if len(prompts) >= limit:
-                break
-    if not prompts:
-        raise ConfigError(f"{path}: no prompt found")
-    return prompts
 
 
 __all__ = ["checkpoint_analysis", "digits_analysis", "lm_scores", "tiny_lm_analysis"]

@@ -47,7 +47,8 @@ def run(args, parser: argparse.ArgumentParser) -> int:
 
     from ..errors import CheckpointError, ConfigError
     from ..io.prompts import load_token_ids
-    from .measure import measure_statistics, save_statistics
+    from ..io.statistics import save_statistics
+    from .measure import measure_statistics
 
     if args.batch_size < 1 or args.max_tokens < 2 or (args.max_prompts is not None and args.max_prompts < 1):
         parser.error("measure: --batch-size >= 1, --max-tokens >= 2 and --max-prompts >= 1")

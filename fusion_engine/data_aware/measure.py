@@ -12,30 +12,25 @@
   every ``nn.Linear``'s outputs (for alignment and REPAIR-style statistics).
 
 For a causal LM an example is one token sequence, its loss the mean next-token cross-entropy (each
-sequence's gradient is taken on its own: exact per-example Fisher). :func:`save_statistics` writes the dict
-as one safetensors file (atomically: a temporary sibling renamed into place) with metadata saying what was
-measured; :func:`load_statistics` reads it back. ``fusion-engine measure`` is the command for HF causal LMs;
-the YAML methods ``fisher`` and ``regmean`` read these files.
+sequence's gradient is taken on its own: exact per-example Fisher). :mod:`fusion_engine.io.statistics`
+saves the dict as one safetensors file and reads it back; ``fusion-engine measure`` is the command for HF
+causal LMs, and the YAML methods ``fisher`` and ``regmean`` read these files.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
 from ._inputs import eval_mode, iterate_batches, module_device
 from .fisher import estimate_fisher
 from .regmean import collect_gram
 
-STATS_FORMAT = "fusion_engine.statistics/1"
 FISHER_KINDS = ("empirical", "sampled", "model")
-PREFIXES = ("fisher.", "gram.", "activation_mean.", "activation_var.")
 
 
 class _NextTokenLogits(nn.Module):
@@ -149,44 +144,4 @@ def _fisher(model: nn.Module, batches: list, kind: str, causal_lm: bool, seed: i
     return estimate_fisher(model, sequences, kind="empirical", per_example=False, loss_fn=_sequence_loss)
 
 
-def save_statistics(stats: dict[str, torch.Tensor], path: str, *, metadata: dict | None = None) -> str:
-    """Write ``stats`` to ``path`` (safetensors), via a temporary sibling renamed into place."""
-    from safetensors.torch import save as to_bytes
-
-    from ..io.writer import write_file_synced
-
-    bad = [k for k in stats if not k.startswith(PREFIXES)]
-    if bad:
-        raise ConfigError(f"save_statistics: unknown statistic names {bad[:3]}; names start with {PREFIXES}")
-    meta = {"format": STATS_FORMAT, **{k: json.dumps(v) if not isinstance(v, str) else v
-                                       for k, v in (metadata or {}).items()}}
-    data = to_bytes({k: v.detach().contiguous().cpu() for k, v in stats.items()}, metadata=meta)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ConfigError(f"save_statistics: folder {folder} does not exist")
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        write_file_synced(tmp, data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def load_statistics(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and metadata of a file written by :func:`save_statistics`."""
-    from ..io import SafetensorsFile
-
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such statistics file; write one with `fusion-engine measure`")
-    with SafetensorsFile(path) as f:
-        metadata = dict(f.metadata or {})
-        tensors = {name: f.read(name) for name in f.names()}
-    if metadata.get("format") != STATS_FORMAT:
-        raise CheckpointError(f"{path}: not a fusion_engine statistics file (format {metadata.get('format')!r}); "
-                              f"write one with `fusion-engine measure`")
-    return tensors, metadata
-
-
-__all__ = ["FISHER_KINDS", "STATS_FORMAT", "load_statistics", "measure_statistics", "save_statistics"]
+__all__ = ["FISHER_KINDS", "measure_statistics"]

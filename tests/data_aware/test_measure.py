@@ -10,7 +10,8 @@ import torch
 from torch.nn import functional as F
 
 from fusion_engine.cli import main
-from fusion_engine.data_aware.measure import load_statistics, measure_statistics, save_statistics
+from fusion_engine.data_aware.measure import measure_statistics
+from fusion_engine.io.statistics import load_statistics, save_statistics
 from fusion_engine.errors import CheckpointError, ConfigError
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "cli"))

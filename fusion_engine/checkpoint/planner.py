@@ -401,7 +401,7 @@ class Planner:
                                                   f"add '{p.name}: <value>' under this model's parameters, or "
                                                   "under the global parameters"))
                 any_found |= found
-                per_input.append(value if found else p.default)
+                per_input.append(p.bind_to_tensor(value, ref.name) if found else p.default)
                 if found and p.name not in lines:
                     lines[p.name] = line
             if any_found:

@@ -75,6 +75,38 @@ class StatisticsFile:
         return f"StatisticsFile({self.path!r})"
 
 
+class TensorStatistics:
+    """The statistics of one input tensor: a statistics file and the tensor's name in its model.
+
+    ``fisher()`` is ``fisher.<name>``; ``gram()`` is ``gram.<module>`` for the weight ``<module>.weight``
+    (None for a tensor that is not a Linear weight or was not measured).
+    """
+
+    def __init__(self, file: StatisticsFile, tensor_name: str):
+        self.file, self.tensor_name = file, tensor_name
+
+    def fisher(self) -> torch.Tensor:
+        return self.file.tensor(f"fisher.{self.tensor_name}")
+
+    def gram(self) -> torch.Tensor | None:
+        if not self.tensor_name.endswith(".weight"):
+            return None
+        key = f"gram.{self.tensor_name[:-len('.weight')]}"
+        return self.file.tensor(key) if key in self.file else None
+
+    def __repr__(self) -> str:
+        return f"TensorStatistics({self.file.path!r}, {self.tensor_name!r})"
+
+
+def tensor_statistics(value, tensor_name: str | None, where: str) -> TensorStatistics:
+    """``value`` (a :class:`StatisticsFile` or :class:`TensorStatistics`) as the statistics of one tensor."""
+    if isinstance(value, TensorStatistics):
+        return value
+    if tensor_name is None:
+        raise ConfigError(f"{where}: a statistics file needs the tensor's name; pass name= to merge_tensors")
+    return TensorStatistics(value, tensor_name)
+
+
 @functools.lru_cache(maxsize=64)
 def _open_cached(path: str, mtime_ns: int, size: int) -> StatisticsFile:
     return StatisticsFile(path)
@@ -96,4 +128,5 @@ def load_statistics(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     return {name: stats.tensor(name) for name in sorted(stats.names)}, stats.metadata
 
 
-__all__ = ["PREFIXES", "STATS_FORMAT", "StatisticsFile", "load_statistics", "open_statistics", "save_statistics"]
+__all__ = ["PREFIXES", "STATS_FORMAT", "StatisticsFile", "TensorStatistics", "load_statistics", "open_statistics",
+           "save_statistics", "tensor_statistics"]

@@ -9,11 +9,12 @@
 Every method of mergekit 0.1.5's registry is here (linear, task_arithmetic, ties, dare_ties,
 dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear, slerp, nuslerp, multislerp,
 karcher, model_stock, nearswap, sce, ram, ramplus_tl, arcee_fusion, passthrough), plus
-``fisher`` (Fisher-weighted averaging with given Fisher tensors).
+``fisher`` (Fisher-weighted averaging with given Fisher tensors or statistics files) and ``regmean``
+(RegMean from the Gram matrices of statistics files: ``fusion-engine measure``).
 """
 
 from . import (arcee_fusion, fisher, linear, model_stock, nearswap, passthrough, ram,  # noqa: F401  (register)
-               sce, slerp, task_arithmetic)
+               regmean, sce, slerp, task_arithmetic)
 from .api import PerGroupValues, merge_state_dicts, merge_tensors
 from .registry import Group, Method, Parameter, get, names, register, validate_parameters
 

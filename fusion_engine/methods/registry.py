@@ -14,6 +14,7 @@ the parameter, the offending value and the valid range.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -39,7 +40,9 @@ class Parameter:
     """One parameter of a method.
 
     ``kind`` is ``float``, ``int``, ``bool`` or ``torch.Tensor``. ``low``/``high`` bound numbers
-    (closed unless ``low_open``/``high_open``); ``optional`` lets the value be None.
+    (closed unless ``low_open``/``high_open``); ``optional`` lets the value be None. A tensor parameter
+    with ``statistics=True`` also takes the path of a statistics file (``fusion-engine measure``): it is
+    opened when checked, and the method reads the statistic of each tensor from it.
     """
 
     name: str
@@ -51,6 +54,7 @@ class Parameter:
     low_open: bool = False
     high_open: bool = False
     optional: bool = False
+    statistics: bool = False
     doc: str = ""
 
     @property
@@ -61,7 +65,7 @@ class Parameter:
         if self.kind is bool:
             return "true or false"
         if self.kind is torch.Tensor:
-            return "a tensor shaped like the inputs"
+            return "a tensor shaped like the inputs" + (" or a statistics file" if self.statistics else "")
         what = "an integer" if self.kind is int else "a finite number"
         if self.low is None and self.high is None:
             text = what
@@ -73,6 +77,15 @@ class Parameter:
             text = f"{what} in {left}{lo}, {hi}{right}"
         return text + (" or null" if self.optional else "")
 
+    def bind_to_tensor(self, value: Any, tensor_name: str) -> Any:
+        """A statistics-file path bound to the input tensor it is read for (any other value unchanged): the
+        planner calls this with each input's own tensor name, which can differ from the output's."""
+        if self.statistics and isinstance(value, (str, os.PathLike)):
+            from ..io.statistics import TensorStatistics, open_statistics
+
+            return TensorStatistics(open_statistics(value), tensor_name)
+        return value
+
     def check(self, method: str, value: Any, where: str = "") -> Any:
         """The value converted to ``kind``, or a ConfigError naming it and the valid range."""
         label = f"{method}: parameter {self.name}{where}"
@@ -81,6 +94,12 @@ class Parameter:
                 return None
             raise ConfigError(f"{label} is null; it must be {self.range_text()}")
         if self.kind is torch.Tensor:
+            if self.statistics and isinstance(value, (str, os.PathLike)):
+                from ..io.statistics import open_statistics
+
+                return open_statistics(value)
+            if self.statistics and type(value).__name__ in ("StatisticsFile", "TensorStatistics"):
+                return value
             if not isinstance(value, torch.Tensor):
                 raise ConfigError(f"{label} is a {type(value).__name__}; it must be {self.range_text()}")
             return value

@@ -16,7 +16,7 @@ MERGEKIT_METHODS = {"linear", "task_arithmetic", "ties", "dare_ties", "dare_line
 
 
 def test_names_cover_mergekit_and_fisher():
-    assert set(names()) == MERGEKIT_METHODS | {"fisher"}
+    assert set(names()) == MERGEKIT_METHODS | {"fisher", "regmean"}
     assert list(names()) == sorted(names())
 
 

@@ -80,6 +80,17 @@ class _Source:
                               f"checkpoint from fusion_engine.io.open_checkpoint")
 
 
+def models_and_labels(where: str, models: Sequence, labels: Sequence[str] | None) -> tuple[list, list[str]]:
+    """The models as a non-empty list and one label each (default ``model 1`` … ``model K``)."""
+    models = list(models)
+    if not models:
+        raise ConfigError(f"{where}: pass at least one model")
+    labels = list(labels) if labels is not None else [f"model {i + 1}" for i in range(len(models))]
+    if len(labels) != len(models):
+        raise ConfigError(f"{where}: {len(labels)} labels for {len(models)} models")
+    return models, labels
+
+
 def effective_rank(singular_values: torch.Tensor, energy: float) -> int:
     """The smallest r with Σ_{k≤r} σ_k² ≥ energy · Σ_k σ_k² (0 for a zero matrix)."""
     sq = singular_values.double() ** 2
@@ -149,12 +160,7 @@ def task_vector_geometry(base, models: Sequence, *, labels: Sequence[str] | None
     >>> geo = task_vector_geometry(pretrained, [ft_a, ft_b], labels=["a", "b"])
     >>> geo.cosine[0, 1], geo.tensors[0].sign_conflict[0, 1]
     """
-    models = list(models)
-    if not models:
-        raise ConfigError("task_vector_geometry: pass at least one fine-tuned model")
-    labels = list(labels) if labels is not None else [f"model {i + 1}" for i in range(len(models))]
-    if len(labels) != len(models):
-        raise ConfigError(f"task_vector_geometry: {len(labels)} labels for {len(models)} models")
+    models, labels = models_and_labels("task_vector_geometry", models, labels)
     if not 0.0 < energy <= 1.0:
         raise ConfigError(f"task_vector_geometry: energy={energy} must be in (0, 1]")
     base_src = _Source(base, "base")

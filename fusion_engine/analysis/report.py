@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .cka import LayerCKA, representation_cka
-from .geometry import TaskVectorGeometry, task_vector_geometry
+from .geometry import TaskVectorGeometry, models_and_labels, task_vector_geometry
 from .landscape import Curve1D, LossPlane, interpolation_curve, layerwise_barriers, loss_plane
 
 
@@ -47,12 +47,7 @@ def analyze(models: Sequence, *, base=None, labels: Sequence[str] | None = None,
 
     ``models`` are ``nn.Module`` (state dicts or checkpoints suffice for the geometry alone).
     """
-    models = list(models)
-    if not models:
-        raise ConfigError("analyze: pass at least one model")
-    labels = list(labels) if labels is not None else [f"model {i + 1}" for i in range(len(models))]
-    if len(labels) != len(models):
-        raise ConfigError(f"analyze: {len(labels)} labels for {len(models)} models")
+    models, labels = models_and_labels("analyze", models, labels)
     report = AnalysisReport(title, labels)
     if base is not None:
         report.geometry = task_vector_geometry(base, models, labels=labels, energy=energy)

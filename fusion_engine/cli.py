@@ -1,6 +1,7 @@
 """The ``fusion-engine`` command.
 
     fusion-engine merge CONFIG OUT_DIR   merge checkpoints as a mergekit YAML config says
+    fusion-engine moe CONFIG OUT_DIR     build a Mixtral / Qwen-MoE model from dense experts (mergekit-moe YAML)
     fusion-engine demo                   build tiny seeded Llama checkpoints, merge them with `merge`,
                                          load the result with transformers and generate a few tokens
     fusion-engine selftest               merge small seeded MLPs with every op on every usable backend
@@ -174,6 +175,10 @@ def _parser() -> argparse.ArgumentParser:
     p_merge.add_argument("--allow-overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p_merge.add_argument("--quiet", "-q", action="store_true", help="no plan summary, no progress bar")
 
+    from .moe.cli import add_moe_parser
+
+    add_moe_parser(sub)
+
     p_demo = sub.add_parser("demo", help="merge tiny seeded Llama checkpoints end to end and generate",
                             description="Build a tiny seeded Llama and three fine-tuned variants (a few MB), "
                                         "write a mergekit YAML for them, merge it with `fusion-engine merge`, "
@@ -213,6 +218,10 @@ def main(argv=None) -> int:
         if args.command == "merge":
             return merge(args.config, args.out_dir, device=args.device, out_shard_size=args.out_shard_size,
                          dry_run=args.dry_run, allow_overwrite=args.allow_overwrite, quiet=args.quiet)
+        if args.command == "moe":
+            from .moe.cli import run_moe
+
+            return run_moe(args, _check_device(args.device))
         if args.command == "demo":
             from .demo import run_demo
 

@@ -2,6 +2,7 @@
 
     fusion-engine merge CONFIG OUT_DIR   merge checkpoints as a mergekit YAML config says
     fusion-engine moe CONFIG OUT_DIR     build a Mixtral / Qwen-MoE model from dense experts (mergekit-moe YAML)
+    fusion-engine evolve [CONFIG]        CMA-ES search of a merge recipe (or --example digits)
     fusion-engine demo                   build tiny seeded Llama checkpoints, merge them with `merge`,
                                          load the result with transformers and generate a few tokens
     fusion-engine selftest               merge small seeded MLPs with every op on every usable backend
@@ -178,6 +179,9 @@ def _parser() -> argparse.ArgumentParser:
     from .moe.cli import add_moe_parser
 
     add_moe_parser(sub)
+    from .evolve.cli import add_evolve_parser
+
+    add_evolve_parser(sub)
 
     p_demo = sub.add_parser("demo", help="merge tiny seeded Llama checkpoints end to end and generate",
                             description="Build a tiny seeded Llama and three fine-tuned variants (a few MB), "
@@ -222,6 +226,10 @@ def main(argv=None) -> int:
             from .moe.cli import run_moe
 
             return run_moe(args, _check_device(args.device))
+        if args.command == "evolve":
+            from .evolve.cli import run_evolve
+
+            return run_evolve(args, _check_device(args.device))
         if args.command == "demo":
             from .demo import run_demo
 

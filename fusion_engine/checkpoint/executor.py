@@ -58,7 +58,8 @@ def _reference_model(plan: MergePlan) -> str | None:
     return next(iter(plan.models), None)
 
 
-def _resolve_jobs(plan: MergePlan, ckpts: dict) -> list[_Job]:
+def resolve_jobs(plan: MergePlan, ckpts) -> list[_Job]:
+    """Every task of ``plan`` with its output dtype and byte counts (headers of the open ``ckpts`` only)."""
     jobs = []
     for task in plan.tasks:
         infos = []
@@ -81,6 +82,23 @@ def _is_plain_copy(job: _Job, input_dtype: torch.dtype) -> bool:
     task = job.task
     return (task.method == "passthrough" and len(task.inputs) == 1 and input_dtype == job.out_dtype
             and all(v is None or v == 1 or v == [1] or v == [1.0] for v in task.parameters.values()))
+
+
+def merge_job(job: _Job, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """The output tensor of ``job`` from its input tensors (on any device): what the merge writes."""
+    task = job.task
+    if _is_plain_copy(job, inputs[0].dtype):
+        out = inputs[0]
+    elif task.bound is not None:  # parameters validated by the planner: not again per tensor
+        out = merge_bound(inputs, get_method(task.method), task.bound, base_index=task.base_index,
+                          name=task.out_name, dtype=task.dtype, out_dtype=job.out_dtype)
+    else:
+        out = merge_tensors(inputs, task.method, parameters=task.parameters, base_index=task.base_index,
+                            name=task.out_name, dtype=task.dtype, out_dtype=job.out_dtype)
+    if tuple(out.shape) != tuple(task.shape):
+        raise ShapeMismatchError(f"output tensor {task.out_name!r}: the plan says shape {list(task.shape)}, "
+                                 f"the merge produced {list(out.shape)}")
+    return out.to(job.out_dtype)
 
 
 class _Streamer:
@@ -116,19 +134,7 @@ class _Streamer:
 
     # -- main thread
     def _merge(self, job: _Job, inputs: list[torch.Tensor]) -> torch.Tensor:
-        task = job.task
-        if _is_plain_copy(job, inputs[0].dtype):
-            out = inputs[0]
-        elif task.bound is not None:  # parameters validated by the planner: not again per tensor
-            out = merge_bound(inputs, get_method(task.method), task.bound, base_index=task.base_index,
-                              name=task.out_name, dtype=task.dtype, out_dtype=job.out_dtype)
-        else:
-            out = merge_tensors(inputs, task.method, parameters=task.parameters, base_index=task.base_index,
-                                name=task.out_name, dtype=task.dtype, out_dtype=job.out_dtype)
-        if tuple(out.shape) != tuple(task.shape):
-            raise ShapeMismatchError(f"output tensor {task.out_name!r}: the plan says shape {list(task.shape)}, "
-                                     f"the merge produced {list(out.shape)}")
-        return out.to(job.out_dtype)
+        return merge_job(job, inputs)
 
     def _to_host(self, out: torch.Tensor):
         if not self.cuda:
@@ -250,7 +256,7 @@ def prepare(plan: MergePlan, out_shard_size, ckpts: Checkpoints) -> tuple[list[_
     (no tensor data is read)."""
     for key, path in plan.models.items():
         ckpts.open(key, path)
-    jobs = _resolve_jobs(plan, ckpts)
+    jobs = resolve_jobs(plan, ckpts)
     layout = plan_shards([(j.task.out_name, j.out_dtype, tuple(j.task.shape)) for j in jobs],
                          parse_size(out_shard_size))
     order = {name: i for i, name in enumerate(layout.slots)}

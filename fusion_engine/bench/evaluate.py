@@ -4,9 +4,11 @@ Part 1, multi-task merging (:mod:`fusion_engine.bench.tasks`): one pre-trained M
 mirrored digits), one briefly fine-tuned model per task. Rows: the pre-trained model, the individual
 fine-tuned models (each on its own task), a model trained on all tasks jointly, and the merges —
 simple average, task arithmetic, TIES, DARE, Fisher, RegMean, AdaMerging (task- and layer-wise) — and
-the output ensemble of the fine-tuned models. Columns: test accuracy per task, their average, and the
-time the merge took (statistics, coefficient search and merging included). The scaling λ of task
-arithmetic, TIES and DARE is chosen on a validation split, as FusionBench does.
+the output ensemble of the fine-tuned models, and SMILE's upscaling of them into a sparse mixture of
+low-rank experts (:mod:`fusion_engine.upscaling`; a bigger model, not a merge). Columns: test accuracy per
+task, their average, and the time the merge took (statistics, coefficient search and merging included).
+The scaling λ of task arithmetic, TIES and DARE, and SMILE's ranks, are chosen on a validation split, as
+FusionBench does.
 
 Part 2, alignment: two MLPs trained from different seeds on the upright digits. Naive averaging sits
 on a loss barrier; weight matching (Git Re-Basin) and OT fusion align the hidden units first. The loss
@@ -54,6 +56,8 @@ class EvalConfig:
     adamerging_steps: int = 100
     adamerging_lr: float = 1e-2
     adamerging_batch: int = 32                     # unlabeled test inputs per task and step
+    smile_gate_k: tuple[int, ...] = (2, 4, 8, 16, 32)  # SMILE router ranks, chosen on validation
+    smile_k: tuple[int, ...] = (8, 16, 32)              # SMILE expert ranks, chosen on validation
     pair_hidden: tuple[int, ...] = (64, 64)        # part 2: two independently trained models
     pair_epochs: int = 30
     pair_seeds: tuple[int, int] = (1, 2)
@@ -227,7 +231,24 @@ def merge_table(setup: MultiTaskSetup, config: EvalConfig) -> list[Row]:
     ensemble, seconds = _timed(lambda: Ensemble(setup.finetuned, mode="mean").eval())
     rows.append(Row("Ensemble (mean logits)", setup.accuracies(ensemble), seconds,
                     f"{len(setup.finetuned)}× the inference cost"))
+    (smile, note), seconds = _timed(lambda: _smile(setup, config))
+    rows.append(Row("SMILE upscaling (MoE)", setup.accuracies(smile), seconds, note))
     return rows
+
+
+def _smile(setup: MultiTaskSetup, config: EvalConfig):
+    """SMILE's sparse low-rank MoE (top-1 routing), router and expert ranks chosen on validation."""
+    from ..upscaling import smile_upscale
+
+    best = None
+    for gate_k in config.smile_gate_k:
+        for k in config.smile_k:
+            model = smile_upscale(setup.pretrained, setup.finetuned, gate_k=gate_k, k=k, top_k=1)
+            score = setup.mean_accuracy(model, split="val")
+            if best is None or score > best[0]:
+                best = (score, model, gate_k, k)
+    _, model, gate_k, k = best
+    return model, f"gate rank {gate_k}, expert rank {k}, top-1 routing"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ def report():
 def test_table_has_every_row(report):
     methods = [r.method for r in report.rows]
     assert methods == ["Pre-trained", "Individual fine-tuned", "Multi-task trained", *TRAJECTORY, *MERGES,
-                       "Ensemble (mean logits)"]
+                       "Ensemble (mean logits)", "SMILE upscaling (MoE)"]
     assert report.task_names == list(TaskConfig().tasks)
     for r in report.rows:
         assert len(r.accuracies) == len(report.task_names)
@@ -52,6 +52,13 @@ def test_training_time_averaging_rows_learn_the_tasks(report):
     multitask = report.row("Multi-task trained").average
     for method in TRAJECTORY:
         assert report.row(method).average > multitask - 0.05, (method, report.row(method).average, multitask)
+
+
+def test_smile_upscaling_beats_every_merge(report):
+    """A routed MoE of low-rank task experts keeps more of each fine-tuning than any single merged model."""
+    smile = report.row("SMILE upscaling (MoE)").average
+    assert smile > max(report.row(m).average for m in MERGES) + 0.02
+    assert smile <= report.row("Individual fine-tuned").average
 
 
 def test_alignment_part(report):

@@ -245,16 +245,21 @@ def suggest(word: str, choices, what: str) -> str:
 # --------------------------------------------------------------------------- parsing
 
 
-def load_config(path: str | os.PathLike) -> MergeConfig:
-    """Read and parse a mergekit YAML file; relative model paths are relative to the current directory."""
-    path = os.fspath(path)
+def read_config_file(path: str) -> str:
+    """The text of a config file, or a ConfigError saying why it cannot be read."""
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            return f.read()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file (fix: check the path)") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read the config: {exc}") from None
+
+
+def load_config(path: str | os.PathLike) -> MergeConfig:
+    """Read and parse a mergekit YAML file; relative model paths are relative to the current directory."""
+    path = os.fspath(path)
+    text = read_config_file(path)
     config = parse_config(text, filename=os.path.basename(path) or path, base_dir=os.path.dirname(path))
     config.path = os.path.abspath(path)
     return config

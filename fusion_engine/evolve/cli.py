@@ -57,6 +57,7 @@ def _bounds(items: list[str]) -> dict[str, tuple[float, float]]:
 
 
 def run_evolve(args: argparse.Namespace, device: str) -> int:
+    from ..checkpoint.config import read_config_file
     from .digits import run_digits_example
     from .evaluation import command_evaluation, load_callable
     from .search import evolve
@@ -70,11 +71,7 @@ def run_evolve(args: argparse.Namespace, device: str) -> int:
         return 0
     if not args.config:
         raise ConfigError("fusion-engine evolve: give the template CONFIG (or --example digits)")
-    try:
-        with open(args.config, encoding="utf-8") as fh:
-            text = fh.read()
-    except OSError as exc:
-        raise ConfigError(f"{args.config}: cannot read the config ({exc.strerror or exc})") from None
+    text = read_config_file(args.config)
     params = [p.strip() for p in args.params.split(",")] if args.params else None
     space = SearchSpace(text, params, points=args.points or 1, bounds=_bounds(args.bounds),
                         allow_negative_weights=args.allow_negative_weights, filename=args.config)

@@ -227,12 +227,13 @@ def build_moe(config: MoEConfig | str | os.PathLike, out_dir: str | os.PathLike,
                     if not quiet:
                         print(f"  wrote {name}", flush=True)
                 writer.finish()
+                nbytes = writer.layout.total_bytes
             if config.text:
                 write_file_synced(os.path.join(tmp, "mergekit_moe_config.yml"), config.text.encode())
     finally:
         sources.close()
     return {"architecture": arch.architecture, "tensors": len(entries), "experts": len(config.experts),
-            "bytes": sum(_nbytes(d, s) for _, d, s in entries), "seconds": time.perf_counter() - start,
+            "bytes": nbytes, "seconds": time.perf_counter() - start,
             "out_dir": os.path.abspath(out_dir)}
 
 
@@ -241,10 +242,6 @@ def _optional_tokenizer(path: str):
         return load_gate_tokenizer(path)
     except ConfigError:
         return None
-
-
-def _nbytes(dtype: torch.dtype, shape) -> int:
-    return torch.empty(shape, dtype=dtype, device="meta").numel() * torch.empty((), dtype=dtype).element_size()
 
 
 def _plan(sources: _Sources, arch: OutputArchitecture, out_cfg, out_dtype, routers, shared_routers, seed: int):

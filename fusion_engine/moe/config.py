@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import yaml
 
-from ..checkpoint.config import _Doc, _dtype, line_of, located
+from ..checkpoint.config import _Doc, _dtype, line_of, located, read_config_file
 from ..errors import ConfigError
 
 GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random")
@@ -78,14 +78,7 @@ class MoEConfig:
 def load_moe_config(path: str | os.PathLike) -> MoEConfig:
     """Read and parse a mergekit-moe YAML file."""
     path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file (fix: check the path)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read the config: {exc}") from None
-    return parse_moe_config(text, os.path.basename(path) or path)
+    return parse_moe_config(read_config_file(path), os.path.basename(path) or path)
 
 
 def parse_moe_config(text: str, filename: str = "config.yaml") -> MoEConfig:

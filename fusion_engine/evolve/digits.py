@@ -18,7 +18,7 @@ import torch
 from ..averaging import load_state
 from ..bench.evaluate import EvalConfig, deterministic, merge_methods
 from ..bench.tasks import TaskConfig, build_tasks
-from ..io import save_sharded
+from ..io import atomic_output_dir, save_sharded
 from .space import SearchSpace
 from .search import evolve
 
@@ -45,11 +45,12 @@ def from_checkpoint_names(state_dict: dict, model: torch.nn.Sequential) -> dict:
 
 
 def save_model(model: torch.nn.Module, folder: str) -> str:
-    os.makedirs(folder, exist_ok=True)
+    """``model`` as a safetensors checkpoint folder (replaced if it exists: a rerun rebuilds the same bytes)."""
     state = {k: v.detach().contiguous() for k, v in to_checkpoint_names(model.state_dict()).items()}
-    save_sharded(state, folder)
-    with open(os.path.join(folder, "config.json"), "w") as fh:
-        json.dump({"model_type": "digits_mlp", "num_hidden_layers": len(state) // 2}, fh)
+    with atomic_output_dir(folder, allow_overwrite=True) as tmp:
+        save_sharded(state, tmp)
+        with open(os.path.join(tmp, "config.json"), "w") as fh:
+            json.dump({"model_type": "digits_mlp", "num_hidden_layers": len(state) // 2}, fh)
     return folder
 
 

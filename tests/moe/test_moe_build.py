@@ -120,3 +120,23 @@ def test_expert_missing_an_mlp_tensor(tmp_path):
     with pytest.raises(MissingTensorError, match=r"broken: no tensor 'model.layers.1.mlp.up_proj.weight'"):
         build_moe(parse_moe_config(_yaml(paths, ["e0", "e1", "e2"])), out)
     assert not os.path.exists(out)
+
+
+def test_random_gates_follow_the_seed_and_bad_cli_values_exit_2():
+    from moe_fixtures import load_dir
+
+    paths = dense_models("llama")
+    work = scratch("seed")
+    config = os.path.join(work, "moe.yml")
+    with open(config, "w") as f:
+        f.write(_yaml(paths, ["e0", "e1", "e2"], "random"))
+    outs = [os.path.join(work, name) for name in ("a", "b", "c")]
+    for out, seed in zip(outs, ("5", "5", "6")):
+        assert cli_main(["moe", config, out, "--random-seed", seed, "-q"]) == 0
+    a, b, c = (load_dir(o) for o in outs)
+    gate = "model.layers.0.mlp.gate.weight"
+    assert torch.equal(a[gate], b[gate]) and not torch.equal(a[gate], c[gate])
+    assert torch.equal(a["model.layers.1.mlp.experts.down_proj"], c["model.layers.1.mlp.experts.down_proj"])
+    assert cli_main(["moe", config, os.path.join(work, "d"), "--gate-dtype", "int8"]) == 2
+    assert cli_main(["moe", os.path.join(work, "missing.yml"), os.path.join(work, "d")]) == 2
+    assert not os.path.exists(os.path.join(work, "d"))

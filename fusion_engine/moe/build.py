@@ -178,7 +178,7 @@ def _expert_tensor(sources: _Sources, expert: Expert, name: str, out_dtype, seed
 
 def build_moe(config: MoEConfig | str | os.PathLike, out_dir: str | os.PathLike, *, device: str = "cpu",
               gate_dtype: torch.dtype = torch.bfloat16, seed: int | None = None, allow_all_same: bool = False,
-              allow_overwrite: bool = False, out_shard_size: str | int = "5GB", quiet: bool = True) -> dict:
+              allow_overwrite: bool = False, out_shard_size: str | int = "5GB") -> dict:
     """Build the MoE that ``config`` (a mergekit-moe YAML path or a parsed :class:`MoEConfig`) describes into
     ``out_dir``. Returns a summary: architecture, tensors, bytes, seconds."""
     import transformers
@@ -224,8 +224,6 @@ def build_moe(config: MoEConfig | str | os.PathLike, out_dir: str | os.PathLike,
             with ShardedWriter.for_tensors(tmp, entries, parse_size(out_shard_size)) as writer:
                 for name, produce in producers:
                     writer.add(name, produce().contiguous())
-                    if not quiet:
-                        print(f"  wrote {name}", flush=True)
                 writer.finish()
                 nbytes = writer.layout.total_bytes
             if config.text:

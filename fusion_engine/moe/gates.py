@@ -97,8 +97,7 @@ def gate_vectors(mode: str, experts: list[Expert], *, base_path: str, base_ckpt,
         return prompt_gates(experts, tokenizer, lambda batch: cheap_embedding(embed, batch, num_layers))
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, device_map=device, low_cpu_mem_usage=True)
-    model.eval()
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).to(device).eval()
     try:
         return prompt_gates(experts, tokenizer, lambda batch: hidden_states(model, batch, mode == "hidden_avg"))
     finally:

@@ -153,3 +153,9 @@ def test_digits_example_beats_the_tables_task_arithmetic(tmp_path):
     avg = lambda accs: sum(accs) / len(accs)  # noqa: E731
     assert avg(summary["evolved"]) > avg(summary["task_arithmetic"]) + 3.0  # test split, held out of the search
     assert summary["lambda"] == 0.5
+    recipe = open(summary["recipe"]).read()
+    assert cli_main(["merge", summary["recipe"], str(tmp_path / "merged"), "--quiet"]) == 0
+    with InMemoryMerger() as merger:
+        best = merger.merge(recipe)
+    written = load_dir(tmp_path / "merged")
+    assert sorted(best) == sorted(written) and all(torch.equal(best[k], written[k]) for k in written)

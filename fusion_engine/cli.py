@@ -30,6 +30,8 @@ import torch
 from . import __version__, backends, ops
 from .analysis import command as analysis_command
 from .data_aware import command as measure_command
+from .evolve import command as evolve_command
+from .moe import command as moe_command
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -176,12 +178,8 @@ def _parser() -> argparse.ArgumentParser:
     p_merge.add_argument("--allow-overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p_merge.add_argument("--quiet", "-q", action="store_true", help="no plan summary, no progress bar")
 
-    from .moe.cli import add_moe_parser
-
-    add_moe_parser(sub)
-    from .evolve.cli import add_evolve_parser
-
-    add_evolve_parser(sub)
+    moe_command.add_parser(sub)
+    evolve_command.add_parser(sub)
 
     p_demo = sub.add_parser("demo", help="merge tiny seeded Llama checkpoints end to end and generate",
                             description="Build a tiny seeded Llama and three fine-tuned variants (a few MB), "
@@ -223,13 +221,9 @@ def main(argv=None) -> int:
             return merge(args.config, args.out_dir, device=args.device, out_shard_size=args.out_shard_size,
                          dry_run=args.dry_run, allow_overwrite=args.allow_overwrite, quiet=args.quiet)
         if args.command == "moe":
-            from .moe.cli import run_moe
-
-            return run_moe(args, _check_device(args.device))
+            return moe_command.run(args, _check_device(args.device))
         if args.command == "evolve":
-            from .evolve.cli import run_evolve
-
-            return run_evolve(args, _check_device(args.device))
+            return evolve_command.run(args, _check_device(args.device))
         if args.command == "demo":
             from .demo import run_demo
 

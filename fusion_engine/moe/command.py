@@ -8,7 +8,7 @@ from ..checkpoint.config import DTYPES
 from ..errors import ConfigError
 
 
-def add_moe_parser(sub) -> argparse.ArgumentParser:
+def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("moe", help="build a Mixtral / Qwen-MoE model from dense experts (mergekit-moe YAML)",
                        description="Assemble a mixture-of-experts model from dense fine-tunes as mergekit-moe does: "
                                    "attention, embeddings and norms from base_model, each expert's MLP as one "
@@ -30,7 +30,7 @@ def add_moe_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def run_moe(args: argparse.Namespace, device: str) -> int:
+def run(args: argparse.Namespace, device: str) -> int:
     from .build import build_moe
 
     gate_dtype = DTYPES.get(args.gate_dtype.removeprefix("torch."))

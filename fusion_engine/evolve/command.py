@@ -7,7 +7,7 @@ import argparse
 from ..errors import ConfigError
 
 
-def add_evolve_parser(sub) -> argparse.ArgumentParser:
+def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("evolve", help="evolutionary (CMA-ES) search of a merge recipe's weights and densities",
                        description="Search the per-model weights / densities (optionally per-layer gradients) of a "
                                    "mergekit YAML with CMA-ES: every candidate is merged in memory and scored by "
@@ -56,7 +56,7 @@ def _bounds(items: list[str]) -> dict[str, tuple[float, float]]:
     return out
 
 
-def run_evolve(args: argparse.Namespace, device: str) -> int:
+def run(args: argparse.Namespace, device: str) -> int:
     from ..checkpoint.config import read_config_file
     from .digits import run_digits_example
     from .evaluation import command_evaluation, load_callable

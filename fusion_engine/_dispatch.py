@@ -1,11 +1,16 @@
 """Backend registry and the one dispatch point of every op.
 
-Each op registers, per backend, the dotted path of a kernel-level function; all of an op's
-functions share one signature (flat contiguous tensors, plain Python scalars) and return
-``(out, nonfinite)``. The choice of backend:
+Each op (``fusion_engine/ops/<op>.py``) registers its torch reference and, per compiled backend, a
+small loader: a function that imports the kernel's module on first use and returns the kernel
+function (``launchers/cpp.py``, ``launchers/cuda.py``, ``triton_kernels/<op>.py``), so a missing
+extension never breaks ``import fusion_engine``. All of an op's functions share one signature (flat
+contiguous tensors, plain Python scalars). This module is the only one that reads
+``FUSION_ENGINE_BACKEND`` or loads a launcher. The choice of backend:
 
 * ``backend=`` on the call, else the ``FUSION_ENGINE_BACKEND`` environment variable: that backend
-  or a :class:`BackendUnavailableError` saying why it cannot run;
+  or a :class:`BackendUnavailableError` saying why it cannot run. Helper ops (Philox words, inner
+  products, the non-finite check: run inside a merge on its behalf) run their torch reference
+  when the requested backend has no kernel for them, so ``backend="triton"`` on a merge works;
 * otherwise automatic by the inputs' device: CUDA tensors try triton, then cuda, then torch;
   CPU tensors try cpp, then torch. A skipped backend is logged at debug level.
 
@@ -25,6 +30,7 @@ from typing import Callable
 import torch
 
 from .errors import BackendUnavailableError, ConfigError
+from .launchers._marshal import triton_interpret
 
 log = logging.getLogger("fusion_engine")
 
@@ -40,7 +46,22 @@ BACKEND_DTYPES = {
     "cuda": _FLOATS,
 }
 
-_REGISTRY: dict[str, dict[str, str]] = {}
+Loader = Callable[[], Callable]
+
+
+@dataclass(frozen=True, eq=False)  # hashed by identity: _load caches per registration
+class OpKernels:
+    """What an op registered: its torch reference and, per compiled backend, its kernel's loader."""
+
+    torch: Callable
+    loaders: dict[str, Loader]
+    helper: bool = False
+
+    def has(self, backend: str) -> bool:
+        return backend == "torch" or backend in self.loaders
+
+
+_REGISTRY: dict[str, OpKernels] = {}
 
 
 @dataclass(frozen=True)
@@ -54,17 +75,13 @@ class BackendStatus:
         return "usable" if self.usable else f"unusable ({self.reason})"
 
 
-def triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 @functools.lru_cache(maxsize=None)
 def _probe(name: str) -> BackendStatus:
     if name == "torch":
         return BackendStatus(True)
     if name == "cpp":
         try:
-            importlib.import_module("fusion_engine._C")
+            importlib.import_module("fusion_engine.launchers.cpp")  # loads _C and checks its enum codes
         except ImportError as exc:
             return BackendStatus(False, f"extension fusion_engine._C not built or not loadable: {exc}")
         return BackendStatus(True)
@@ -78,7 +95,7 @@ def _probe(name: str) -> BackendStatus:
         return BackendStatus(True)
     if name == "cuda":
         try:
-            importlib.import_module("fusion_engine._C_cuda")
+            importlib.import_module("fusion_engine.launchers.cuda")  # loads _C_cuda and checks its codes
         except ImportError as exc:
             return BackendStatus(
                 False, f"CUDA extension not built (install with FUSION_ENGINE_CUDA=1): {exc}"
@@ -94,15 +111,24 @@ def backends() -> dict[str, BackendStatus]:
     return {name: _probe(name) for name in BACKENDS}
 
 
-def register(op: str, **paths: str) -> None:
-    """Declare the kernel-level function of ``op`` for each backend, as ``"module:function"``."""
-    _REGISTRY[op] = dict(paths)
+def register(op: str, *, torch: Callable, helper: bool = False, **loaders: Loader) -> None:
+    """Declare ``op``: its torch reference (``torch=``) and, for each compiled backend
+    (``cpp=``, ``cuda=``, ``triton=``), a zero-argument loader returning the kernel function.
+    ``helper=True`` marks an op run on behalf of another (see the module docstring)."""
+    unknown = set(loaders) - set(BACKENDS)
+    if unknown:
+        raise ValueError(f"register({op!r}): unknown backends {sorted(unknown)}")
+    _REGISTRY[op] = OpKernels(torch, dict(loaders), helper)
+
+
+def registered() -> dict[str, OpKernels]:
+    """Every registered op (name → :class:`OpKernels`)."""
+    return dict(_REGISTRY)
 
 
 @functools.lru_cache(maxsize=None)
-def _load(path: str) -> Callable:
-    module, _, attr = path.partition(":")
-    return getattr(importlib.import_module(module), attr)
+def _load(kernels: OpKernels, name: str) -> Callable:
+    return kernels.torch if name == "torch" else kernels.loaders[name]()
 
 
 def _runs_on(name: str, device: torch.device) -> bool:
@@ -115,27 +141,32 @@ def _runs_on(name: str, device: torch.device) -> bool:
     return True
 
 
-def resolve(op: str, device: torch.device, dtype: torch.dtype, backend: str | None = None) -> tuple[str, Callable]:
-    """Pick the backend for one call of ``op`` and return ``(name, kernel_function)``."""
+def resolve(op: str, device: torch.device, dtype: torch.dtype | None,
+            backend: str | None = None) -> tuple[str, Callable]:
+    """Pick the backend for one call of ``op`` and return ``(name, kernel_function)``.
+    ``dtype=None``: the op's inputs are not floating tensors (every backend's kernel takes them)."""
     requested = backend or os.environ.get("FUSION_ENGINE_BACKEND") or None
     table = _REGISTRY[op]
+    if requested is not None and table.helper and requested.lower() in BACKENDS and not table.has(requested.lower()):
+        log.debug("%s: no %s kernel; running the torch reference", op, requested)
+        return "torch", table.torch
     if requested is not None:
         requested = requested.lower()
         if requested not in BACKENDS:
             raise ConfigError(f"unknown backend {requested!r} for {op}; choose one of {', '.join(BACKENDS)}")
         status = _probe(requested)
         why = None
-        if requested not in table:
+        if not table.has(requested):
             why = f"{op} has no {requested} kernel"
         elif not status.usable:
             why = status.reason
         elif not _runs_on(requested, device):
             why = f"it does not run on {device.type} tensors"
-        elif dtype not in BACKEND_DTYPES[requested]:
+        elif dtype is not None and dtype not in BACKEND_DTYPES[requested]:
             why = f"it has no kernel for {dtype}"
         if not why:
             try:
-                return requested, _load(table[requested])
+                return requested, _load(table, requested)
             except ImportError as exc:
                 why = f"its kernel module failed to load: {exc}"
         raise BackendUnavailableError(
@@ -143,17 +174,17 @@ def resolve(op: str, device: torch.device, dtype: torch.dtype, backend: str | No
             f"Use backend=None for the automatic choice (fusion_engine.backends() shows what is usable)."
         )
     for name in _AUTO_ORDER.get(device.type, ("torch",)):
-        if name not in table:
+        if not table.has(name):
             continue
         status = _probe(name)
         if not status.usable:
             log.debug("%s: skipping backend %s: %s", op, name, status.reason)
             continue
-        if dtype not in BACKEND_DTYPES[name]:
+        if dtype is not None and dtype not in BACKEND_DTYPES[name]:
             log.debug("%s: skipping backend %s: no kernel for %s", op, name, dtype)
             continue
         try:
-            return name, _load(table[name])
+            return name, _load(table, name)
         except ImportError as exc:  # an auto choice that fails to load falls back
             log.debug("%s: skipping backend %s: %s", op, name, exc)
-    return "torch", _load(table["torch"])
+    return "torch", table.torch

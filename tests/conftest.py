@@ -53,7 +53,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 def backend_params(op: str | None = None) -> list:
     """One ``pytest.param`` per backend, skipped (with the reason) where it cannot run here."""
-    status = backends()  # not fusion_engine.backends: the subpackage of that name can shadow it
+    status = backends()
     params = []
     for name in BACKENDS:
         marks = [pytest.mark.gpu] if name == "cuda" else []

@@ -14,6 +14,7 @@ from fusion_engine import _dispatch
 from fusion_engine._dispatch import BACKENDS, BackendStatus, backends, resolve
 from fusion_engine.errors import BackendUnavailableError, ConfigError
 from fusion_engine.ops import linear_merge
+from fusion_engine.ops.linear_merge import linear_merge_reference
 from utils import kernel_missing_reason
 
 OPS = ("linear_merge", "task_arithmetic", "magnitude_mask", "ties_merge", "dare_merge", "fisher_merge")
@@ -34,7 +35,7 @@ def test_backends_report():
         assert not status["cuda"].usable
 
 
-def test_public_backends_survives_backend_import():
+def test_public_backends_survives_launcher_import():
     import fusion_engine.launchers._marshal  # noqa: F401  (what loading the cpp kernels does)
 
     assert callable(fusion_engine.backends), f"fusion_engine.backends is {fusion_engine.backends!r}"
@@ -74,13 +75,15 @@ def test_explicit_backend_without_a_dtype_kernel():
         linear_merge([torch.ones(3, dtype=torch.float64)], backend="triton")
 
 
+def _missing_kernel():
+    from fusion_engine.launchers.no_such_module import fake_op  # noqa: F401  (fails: no such module)
+
+
 def test_explicit_backend_whose_kernel_does_not_load(monkeypatch):
     if not backends()["cpp"].usable:
         pytest.skip("cpp unusable here: the explicit request fails earlier")
-    monkeypatch.setitem(_dispatch._REGISTRY, "fake_op", {
-        "torch": "fusion_engine.ops.linear_merge:linear_merge_reference",
-        "cpp": "fusion_engine.launchers.no_such_module:fake_op",
-    })
+    monkeypatch.setitem(_dispatch._REGISTRY, "fake_op",
+                        _dispatch.OpKernels(linear_merge_reference, {"cpp": _missing_kernel}))
     with pytest.raises(BackendUnavailableError, match="cpp"):
         resolve("fake_op", CPU, torch.float32, "cpp")
 
@@ -119,10 +122,8 @@ def test_auto_choice_on_cpu(monkeypatch, op, dtype, caplog):
 
 def test_auto_falls_back_when_a_kernel_does_not_load(monkeypatch, caplog):
     monkeypatch.delenv("FUSION_ENGINE_BACKEND", raising=False)
-    monkeypatch.setitem(_dispatch._REGISTRY, "fake_op", {
-        "torch": "fusion_engine.ops.linear_merge:linear_merge_reference",
-        "cpp": "fusion_engine.launchers.no_such_module:fake_op",
-    })
+    monkeypatch.setitem(_dispatch._REGISTRY, "fake_op",
+                        _dispatch.OpKernels(linear_merge_reference, {"cpp": _missing_kernel}))
     with caplog.at_level(logging.DEBUG, logger="fusion_engine"):
         name, fn = resolve("fake_op", CPU, torch.float32)
     assert name == "torch" and fn.__name__ == "linear_merge_reference"
@@ -206,3 +207,63 @@ def test_cpp_extension_is_built():
     from fusion_engine import _C
 
     assert _C.simd_level() in ("avx512", "avx2", "baseline")
+
+
+def test_helper_ops_fall_back_to_torch_for_a_backend_they_have_no_kernel_for(monkeypatch):
+    """Philox words, inner products and the non-finite check run inside a merge on its behalf:
+    ``backend="triton"`` on the merge runs their torch reference; a merge op itself would raise."""
+    monkeypatch.delenv("FUSION_ENGINE_BACKEND", raising=False)
+    for op in ("philox_words", "inner_products", "any_nonfinite"):
+        name, fn = resolve(op, CPU, torch.float32, "triton")
+        assert name == "torch" and fn is _dispatch.registered()[op].torch
+    with pytest.raises(BackendUnavailableError, match="no cpp kernel"):
+        resolve("cost_matrix", CPU, torch.float32, "cpp")
+
+
+def test_registrations_are_callables_not_strings():
+    for op, kernels in _dispatch.registered().items():
+        assert callable(kernels.torch), op
+        assert all(callable(loader) for loader in kernels.loaders.values()), op
+
+
+def test_enum_codes_are_checked_against_the_extension():
+    from fusion_engine.launchers._marshal import ExtensionMismatchError, check_codes
+
+    if not backends()["cpp"].usable:
+        pytest.skip("cpp unusable here")
+    from fusion_engine import _C
+
+    check_codes(_C)  # the built extension agrees with _marshal.py
+    stale = type("Stale", (), {"__name__": "fusion_engine._C", "DTYPE_CODES": {**_C.DTYPE_CODES, "float16": 2},
+                               "CONSENSUS_CODES": _C.CONSENSUS_CODES, "RESCALE_CODES": _C.RESCALE_CODES})
+    with pytest.raises(ExtensionMismatchError, match="DTYPE_CODES.*rebuild"):
+        check_codes(stale)
+
+
+def test_bindings_take_keywords_only():
+    if not backends()["cpp"].usable:
+        pytest.skip("cpp unusable here")
+    from fusion_engine import _C
+
+    out = torch.empty(2)
+    with pytest.raises(TypeError):  # positional arguments (e.g. two swapped booleans) are refused
+        _C.magnitude_mask(out.data_ptr(), out.data_ptr(), 0, 2, 1, True, 1)
+
+
+def test_only_dispatch_reaches_the_kernels():
+    """No module but _dispatch reads the backend variable; only the launchers import the extensions;
+    kernels and launchers import nothing from ops or _dispatch."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(fusion_engine.__file__).parent
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root).as_posix()
+        text = path.read_text()
+        if rel != "_dispatch.py":
+            assert "FUSION_ENGINE_BACKEND\")" not in text and "environ.get(\"FUSION_ENGINE_BACKEND" not in text, rel
+            assert "_probe" not in text, rel
+        if not rel.startswith("launchers/"):
+            assert not re.search(r"import _C(_cuda)?\b|from \.+ import _C", text), rel
+        if rel.startswith(("launchers/", "triton_kernels/")):
+            assert not re.search(r"^from (fusion_engine|\.\.)\.?(ops|_dispatch)", text, re.M), rel

@@ -106,9 +106,14 @@ def test_check_call_catches_a_wrong_backend():
 
 
 def test_kernel_missing_reason(monkeypatch):
-    monkeypatch.setitem(_dispatch._REGISTRY, "fake_op", {"torch": "fusion_engine.ops.linear_merge:linear_merge",
-                                                         "cpp": "fusion_engine.launchers.no_such_module:f",
-                                                         "triton": "fusion_engine.ops.linear_merge:no_such_fn"})
+    def missing_module():
+        from fusion_engine.launchers.no_such_module import f  # noqa: F401
+
+    def missing_function():
+        from fusion_engine.launchers.cpp import no_such_fn  # noqa: F401
+
+    monkeypatch.setitem(_dispatch._REGISTRY, "fake_op",
+                        _dispatch.OpKernels(linear_merge, {"cpp": missing_module, "triton": missing_function}))
     assert "not written yet" in kernel_missing_reason("fake_op", "cpp")
     assert "no_such_fn" in kernel_missing_reason("fake_op", "triton")
     assert "registers no cuda" in kernel_missing_reason("fake_op", "cuda")

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusion_engine._dispatch import triton_interpret
+from fusion_engine.launchers._marshal import triton_interpret
 
 from . import _common as C
 

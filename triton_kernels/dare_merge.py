@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusion_engine.ops.philox import keep_threshold
+from fusion_engine.launchers._marshal import keep_threshold
 
 from . import _common as C
 from ._combine import combine_add, combine_finish, combine_init, l1_scales

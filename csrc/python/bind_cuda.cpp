@@ -1,6 +1,7 @@
 // pybind11 bindings of the CUDA kernels (fusion_engine._C_cuda): the only file of csrc/cuda's build
 // that knows Python. Tensors arrive as raw device pointers (Python ints, uintptr_t), dtypes as
-// fe::DType codes (fusion_engine/backends/_marshal.py), the stream as torch's cudaStream_t handle.
+// fe::DType codes (fusion_engine/launchers/_marshal.py; exported and checked at import: enum_codes.h),
+// the stream as torch's cudaStream_t handle.
 // Each function fills the op's params struct, releases the GIL around the launcher, raises
 // RuntimeError with cudaGetErrorString on failure and returns whether an input held NaN/Inf.
 #include <pybind11/pybind11.h>
@@ -11,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "enum_codes.h"
 #include "launchers.h"
 
 namespace py = pybind11;
@@ -143,6 +145,7 @@ bool fisher_merge(const Pointers& inputs, const Pointers& fishers, const std::ve
 
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "fusion_engine CUDA kernels (csrc/cuda): raw device pointers in, nonfinite flag out";
+  export_enum_codes(m);
   m.def("linear_merge", &linear_merge, py::arg("inputs"), py::arg("coeffs"), py::arg("n"), py::arg("dtype"),
         py::arg("out"), py::arg("out_dtype"), py::arg("stream"), "y = sum_i coeffs[i] x_i; returns nonfinite");
   m.def("task_arithmetic", &task_arithmetic, py::arg("base"), py::arg("inputs"), py::arg("coeffs"), py::arg("n"),

@@ -23,6 +23,9 @@ void bind_linear_assignment(py::module_& m) {
         py::gil_scoped_release release;
         return fe::cpu::linear_assignment(p, threads);
       },
+      py::kw_only(), py::arg("cost"), py::arg("dtype"), py::arg("batch"), py::arg("n"), py::arg("m"),
+      py::arg("stride_batch"), py::arg("stride_row"), py::arg("stride_col"), py::arg("maximize"),
+      py::arg("row_ind"), py::arg("col_ind"), py::arg("threads"),
       "Exact linear assignment of a batch of dense cost matrices (Jonker-Volgenant). Returns -1, or the index "
       "of the first problem holding NaN/Inf.");
 }

@@ -28,6 +28,9 @@ void bind_sinkhorn(py::module_& m) {
         py::gil_scoped_release release;
         fe::cpu::sinkhorn(p, threads);
       },
+      py::kw_only(), py::arg("cost"), py::arg("a"), py::arg("b"), py::arg("f"), py::arg("g"), py::arg("plan"),
+      py::arg("n_iter"), py::arg("err"), py::arg("batch"), py::arg("n"), py::arg("m"), py::arg("dtype"),
+      py::arg("reg"), py::arg("tol"), py::arg("max_iter"), py::arg("check_every"), py::arg("threads"),
       "Log-domain Sinkhorn on B problems (cost [B, n, m]); f, g are read as the starting potentials and "
       "overwritten; plan may be 0 (not written).");
 }

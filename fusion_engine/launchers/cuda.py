@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 
 from .. import _C_cuda
-from ..ops.philox import keep_threshold
-from ._marshal import CONSENSUS_CODES, RESCALE_CODES, code, empty_like_flat, ptrs
+from ._marshal import CONSENSUS_CODES, RESCALE_CODES, check_codes, code, empty_like_flat, keep_threshold, ptrs
+
+check_codes(_C_cuda)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:

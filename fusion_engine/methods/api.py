@@ -24,7 +24,7 @@ import torch
 from ..errors import (ConfigError, DeviceMismatchError, DTypeMismatchError, MissingTensorError, NonFiniteError,
                       ShapeMismatchError)
 from . import registry as R
-from ._common import holds_nonfinite
+from ..ops.nonfinite import any_nonfinite
 
 # methods whose fused ops or reductions report NaN/Inf inputs themselves (one pass fewer)
 CHECKED_BY_OPS = {"linear", "fisher", "task_arithmetic", "ties", "dare_ties", "dare_linear",
@@ -67,7 +67,7 @@ def _check_tensors(method: str, tensors: list, ids: list, label: str) -> None:
 
 
 def _nonfinite(tensors: list[torch.Tensor], ids: list) -> list:
-    return [key for key, t in zip(ids, tensors) if holds_nonfinite(t)]
+    return [key for key, t in zip(ids, tensors) if any_nonfinite([t])]
 
 
 def _raise_nonfinite(method: str, label: str, bad: list, cause: Exception | None = None):

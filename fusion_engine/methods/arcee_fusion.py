@@ -45,7 +45,7 @@ def order_statistic(values: torch.Tensor, q: float, backend: str | None = None) 
     n − ⌊q (n − 1)⌋ largest, selected exactly by :func:`magnitude_mask`."""
     flat = values.reshape(-1)
     n = flat.numel()
-    largest = magnitude_mask(flat, M.density_for_count(n - order_index(q, n), n), check_finite=False,
+    largest = magnitude_mask(flat, k=n - order_index(q, n), check_finite=False,
                              backend=backend)
     buffer = torch.empty(min(n, M.CACHE_CHUNK), dtype=flat.dtype, device=flat.device)
     infinity = torch.tensor(math.inf, dtype=flat.dtype, device=flat.device)

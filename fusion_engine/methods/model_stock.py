@@ -52,12 +52,12 @@ def merge_model_stock(group: Group, *, filter_wise: bool) -> torch.Tensor:
     acc = accum_dtype(base.dtype)
     rows = (lambda v: v.unsqueeze(0)) if base.dim() <= 1 else (lambda v: v)  # noqa: E731
     b = rows(base).to(acc)
-    deltas_norm = [rows(M.delta(x, base)).to(acc).norm(dim=-1) for x in xs]
+    deltas_norm = [rows(M.task_vector(x, base)).to(acc).norm(dim=-1) for x in xs]
     cos_sum = torch.zeros_like(deltas_norm[0])
     for i in range(count):
-        di = rows(M.delta(xs[i], base)).to(acc)
+        di = rows(M.task_vector(xs[i], base)).to(acc)
         for j in range(i + 1, count):
-            dj = rows(M.delta(xs[j], base)).to(acc)
+            dj = rows(M.task_vector(xs[j], base)).to(acc)
             cos_sum += ((di * dj).sum(-1) / (deltas_norm[i] * deltas_norm[j]).clamp(min=1e-6)).clamp(-1, 1)
     t = stock_ratio(cos_sum / (count * (count - 1) // 2), count).unsqueeze(-1)
     average = sum(rows(x).to(acc) for x in xs) / count

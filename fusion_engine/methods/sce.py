@@ -33,14 +33,14 @@ def variance_keep(group: Group, density: float) -> torch.Tensor:
     acc = accum_dtype(base.dtype)
     mean = torch.zeros(base.shape, dtype=acc, device=base.device)
     for x in xs:
-        mean += M.delta(x, base).to(acc)
+        mean += M.task_vector(x, base).to(acc)
     mean /= len(xs)
     var = torch.zeros_like(mean)
     for x in xs:
-        var += (M.delta(x, base).to(acc) - mean).square()
+        var += (M.task_vector(x, base).to(acc) - mean).square()
     var /= len(xs)
     k = int(int(torch.count_nonzero(var)) * density)
-    return magnitude_mask(var, M.density_for_count(k, var.numel()), check_finite=False, backend=group.backend)
+    return magnitude_mask(var, k=k, check_finite=False, backend=group.backend)
 
 
 def merge_sce(group: Group, *, int8_mask: bool, select_topk: float) -> torch.Tensor:
@@ -50,7 +50,7 @@ def merge_sce(group: Group, *, int8_mask: bool, select_topk: float) -> torch.Ten
     if select_topk < 1:
         keep = (variance_keep(group, select_topk) if select_topk > 0
                 else torch.zeros(base.shape, dtype=torch.bool, device=base.device))
-        kept = [M.delta(x, base) * keep.to(base.dtype) for x in xs]
+        kept = [M.task_vector(x, base) * keep.to(base.dtype) for x in xs]
     else:
         kept = None
     acc = accum_dtype(base.dtype)

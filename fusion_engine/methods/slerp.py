@@ -100,7 +100,7 @@ def merge_nuslerp(group: Group, *, weight: list[float], nuslerp_row_wise: bool, 
     # one SLERP per row (last dim) or per column (dim 0, nuslerp_row_wise), in the accumulation dtype
     M.require_finite(group, M.any_nonfinite(group.tensors))
     acc = accum_dtype(x0.dtype)
-    v0, v1 = (x0, x1) if base is None else (M.delta(x0, base), M.delta(x1, base))
+    v0, v1 = (x0, x1) if base is None else (M.task_vector(x0, base), M.task_vector(x1, base))
     v0, v1 = v0.to(acc), v1.to(acc)
     if nuslerp_row_wise:
         v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)

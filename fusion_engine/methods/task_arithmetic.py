@@ -102,8 +102,8 @@ def merge_ties(group: Group, **p) -> torch.Tensor:
     if (y := _no_inputs(group)) is not None:
         return y
     n = group.base.numel()
-    densities = [M.density_for_count(M.mergekit_topk_count(d, n), n) for d in p["density"]]
-    return ties_merge(group.base, group.non_base, p["weight"], densities, sign="sum", sign_on="weighted",
+    ks = [M.mergekit_topk_count(d, n) for d in p["density"]]
+    return ties_merge(group.base, group.non_base, p["weight"], k=ks, sign="sum", sign_on="weighted",
                       divisor="weights", normalize=p["normalize"], lam=p["lambda"],
                       rescale="l1" if p["rescale"] else None, tie="index", **group.ops_kwargs)
 
@@ -157,9 +157,9 @@ def breadcrumbs_keep(d: torch.Tensor, density: float, gamma: float, backend: str
     target = int(density * n)
     bottom = max(0, n - target - int(gamma * n))
     top_dropped = n - bottom - target
-    keep = magnitude_mask(d, M.density_for_count(target + top_dropped, n), check_finite=False, backend=backend)
+    keep = magnitude_mask(d, k=target + top_dropped, check_finite=False, backend=backend)
     if top_dropped:
-        keep &= ~magnitude_mask(d, M.density_for_count(top_dropped, n), check_finite=False, backend=backend)
+        keep &= ~magnitude_mask(d, k=top_dropped, check_finite=False, backend=backend)
     return keep
 
 
@@ -170,7 +170,7 @@ def merge_breadcrumbs(consensus: str | None, group: Group, **p) -> torch.Tensor:
     base = group.base
     kept = []
     for x, rho, gamma in zip(group.non_base, p["density"], p["gamma"]):
-        d = M.delta(x, base)
+        d = M.task_vector(x, base)
         if rho < 1:
             d = _rescaled(d, breadcrumbs_keep(d, rho, gamma, group.backend), p["rescale"])
         kept.append(d)
@@ -230,7 +230,7 @@ def merge_della(consensus: str | None, group: Group, **p) -> torch.Tensor:
     stream = _stream(group)
     kept = []
     for i, (x, rho, eps) in enumerate(zip(group.non_base, p["density"], p["epsilon"])):
-        d = M.delta(x, base)
+        d = M.task_vector(x, base)
         if rho <= 0:
             d = torch.zeros_like(d)
         elif rho < 1:

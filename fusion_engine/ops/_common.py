@@ -2,7 +2,9 @@
 
 An op's public function validates its arguments here, flattens its tensors to contiguous 1-D
 views (a copy only for non-contiguous inputs; inputs are never written), dispatches to one
-kernel-level function and restores the shape of the result.
+kernel-level function (:func:`run`, through :func:`fusion_engine._dispatch.resolve`) and restores
+the shape of the result. The helpers of the references (task vector, L1 rescale, the combine step
+of TIES and DARE) live here too, and the methods reuse them.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from ..errors import (
 )
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-EPS_NORM = 1e-7  # below this L1 norm, rescaling is skipped (mergekit's eps)
+EPS_NORM = 1e-7  # below this L1 norm, rescaling is skipped (mergekit's `rescaled_masked_tensor` eps)
 
 
 def accum_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -89,6 +91,24 @@ def per_model_floats(op: str, name: str, values, count: int, default: float | No
     return values
 
 
+def keep_counts(op: str, density, k, count: int, numel: int) -> list[int]:
+    """Per-model keep counts from exactly one of ``density`` (k_i = floor(ρ_i n)) or ``k`` (counts
+    as the caller has them: a scalar or one per model, each in [0, n])."""
+    if (density is None) == (k is None):
+        raise ConfigError(f"{op}: give exactly one of density (the fraction kept) and k (the count kept)")
+    if density is not None:
+        return [keep_count(d, numel) for d in densities(op, density, count)]
+    if isinstance(k, torch.Tensor):
+        k = k.reshape(-1).tolist() if k.dim() else int(k)
+    ks = [k] * count if hasattr(k, "__index__") else list(k)
+    if len(ks) != count:
+        raise ConfigError(f"{op}: got {len(ks)} keep counts k for {count} tensors; give one per tensor or a scalar")
+    for i, ki in enumerate(ks):
+        if isinstance(ki, bool) or not hasattr(ki, "__index__") or not 0 <= int(ki) <= numel:
+            raise ConfigError(f"{op}: k[{i}] = {ki!r} must be an int in [0, {numel}] (the entries kept)")
+    return [int(ki) for ki in ks]
+
+
 def densities(op: str, density, count: int) -> list[float]:
     values = per_model_floats(op, "density", density, count)
     for i, d in enumerate(values):
@@ -125,7 +145,7 @@ def run(op: str, named: Sequence[tuple[str, torch.Tensor]], shape, dtype, device
     with torch.no_grad():  # merges are not differentiable: every backend returns a plain tensor
         out, nonfinite = kernel(*args, **kwargs)
     if nonfinite and check_finite:
-        bad = [name for name, t in named if t.numel() and not bool(torch.isfinite(t).all())]
+        bad = [name for name, t in named if any_nonfinite_reference([t])]
         raise NonFiniteError(
             f"{op}: {', '.join(bad) or 'an input'} holds NaN or Inf values; clean the checkpoint, "
             f"or pass check_finite=False to let them propagate"
@@ -133,21 +153,23 @@ def run(op: str, named: Sequence[tuple[str, torch.Tensor]], shape, dtype, device
     return out.view(shape)
 
 
-def any_nonfinite(tensors: Sequence[torch.Tensor]) -> bool:
+def any_nonfinite_reference(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether any tensor holds NaN/Inf: the oracle of the non-finite flag every kernel returns
+    (the dispatched op is :func:`fusion_engine.ops.nonfinite.any_nonfinite`)."""
     return any(t.numel() and not bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def task_vector(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """δ = x − base, rounded to the inputs' dtype (the task vector as a checkpoint stores it),
-    returned in the accumulation dtype."""
-    acc = accum_dtype(x.dtype)
-    return (x.to(acc) - base.to(acc)).to(x.dtype).to(acc)
+    """δ = x − base in the inputs' dtype: the task vector as a checkpoint stores it and as mergekit
+    computes it (torch rounds the exact difference once to that dtype)."""
+    return x - base
 
 
-def l1_rescale_factor(delta: torch.Tensor, kept: torch.Tensor) -> float:
-    """‖δ‖₁ / ‖δ ⊙ kept‖₁, or 1 when either norm is below 1e-7 (mergekit's `rescale`)."""
-    before = float(delta.double().abs().sum())
-    after = float((delta.double() * kept).abs().sum())
+def l1_rescale(values: torch.Tensor, kept_values: torch.Tensor) -> float:
+    """‖values‖₁ / ‖kept_values‖₁ (kept_values = values ⊙ mask), or 1 when either norm is below
+    ``EPS_NORM`` = 1e-7 (mergekit's L1 rescale). Each norm is one float64 reduction, no temporary."""
+    before = float(torch.linalg.vector_norm(values, 1, dtype=torch.float64))
+    after = float(torch.linalg.vector_norm(kept_values, 1, dtype=torch.float64))
     if before < EPS_NORM or after < EPS_NORM:
         return 1.0
     return before / after

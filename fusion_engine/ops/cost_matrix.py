@@ -132,8 +132,11 @@ def _unit_rows(v: torch.Tensor) -> torch.Tensor:
     return v * torch.where(norm > 0, 1 / norm, torch.zeros_like(norm))
 
 
-register(
-    OP,
-    torch="fusion_engine.ops.cost_matrix:cost_matrix_reference",
-    triton="fusion_engine.triton_kernels.cost_matrix:cost_matrix",
-)
+
+
+def _triton_kernel():
+    from ..triton_kernels.cost_matrix import cost_matrix as kernel
+    return kernel
+
+
+register(OP, torch=cost_matrix_reference, triton=_triton_kernel)

@@ -76,25 +76,36 @@ def dare_merge_reference(base: torch.Tensor, tensors: list[torch.Tensor], weight
     """Kernel-level oracle. Returns ``(y, nonfinite)``."""
     kept = []
     for i, (x, rho) in enumerate(zip(tensors, densities)):
-        delta = C.task_vector(x, base)
+        delta = C.task_vector(x, base).to(C.accum_dtype(x.dtype))
         mask = keep_mask(delta.numel(), rho, seed=seed, stream=stream, model=i, offset=offset,
                          device=delta.device).to(delta.dtype)
         if rescale == "density":
             scale = 1.0 / rho if keep_threshold(rho) > 0 else 0.0
         elif rescale == "l1":
-            scale = C.l1_rescale_factor(delta, mask)
+            scale = C.l1_rescale(delta, delta * mask)
         else:
             scale = 1.0
         kept.append(delta * mask * torch.tensor(scale, dtype=delta.dtype))
     y = C.combine_reference(base, kept, weights, consensus=consensus, sign_on=sign_on, divisor=divisor,
                             normalize=normalize, lam=lam, out_dtype=out_dtype)
-    return y, C.any_nonfinite([base, *tensors])
+    return y, C.any_nonfinite_reference([base, *tensors])
 
 
-register(
-    "dare_merge",
-    torch="fusion_engine.ops.dare_merge:dare_merge_reference",
-    cpp="fusion_engine.launchers.cpp:dare_merge",
-    triton="fusion_engine.triton_kernels.dare_merge:dare_merge",
-    cuda="fusion_engine.launchers.cuda:dare_merge",
-)
+
+
+def _cpp_kernel():
+    from ..launchers.cpp import dare_merge as kernel
+    return kernel
+
+
+def _triton_kernel():
+    from ..triton_kernels.dare_merge import dare_merge as kernel
+    return kernel
+
+
+def _cuda_kernel():
+    from ..launchers.cuda import dare_merge as kernel
+    return kernel
+
+
+register("dare_merge", torch=dare_merge_reference, cpp=_cpp_kernel, triton=_triton_kernel, cuda=_cuda_kernel)

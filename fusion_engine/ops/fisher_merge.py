@@ -69,13 +69,24 @@ def fisher_merge_reference(tensors: list[torch.Tensor], fishers: list[torch.Tens
         wf = torch.tensor(w, dtype=acc_dtype) * f.to(acc_dtype)
         num += wf * x.to(acc_dtype)
         den += wf
-    return (num / (den + torch.tensor(eps, dtype=acc_dtype))).to(out_dtype), C.any_nonfinite([*tensors, *fishers])
+    return (num / (den + torch.tensor(eps, dtype=acc_dtype))).to(out_dtype), C.any_nonfinite_reference([*tensors, *fishers])
 
 
-register(
-    "fisher_merge",
-    torch="fusion_engine.ops.fisher_merge:fisher_merge_reference",
-    cpp="fusion_engine.launchers.cpp:fisher_merge",
-    triton="fusion_engine.triton_kernels.fisher_merge:fisher_merge",
-    cuda="fusion_engine.launchers.cuda:fisher_merge",
-)
+
+
+def _cpp_kernel():
+    from ..launchers.cpp import fisher_merge as kernel
+    return kernel
+
+
+def _triton_kernel():
+    from ..triton_kernels.fisher_merge import fisher_merge as kernel
+    return kernel
+
+
+def _cuda_kernel():
+    from ..launchers.cuda import fisher_merge as kernel
+    return kernel
+
+
+register("fisher_merge", torch=fisher_merge_reference, cpp=_cpp_kernel, triton=_triton_kernel, cuda=_cuda_kernel)

@@ -191,8 +191,11 @@ def _shortest_augmenting_paths(cost: torch.Tensor) -> torch.Tensor:
     return col_of_row
 
 
-register(
-    OP,
-    torch="fusion_engine.ops.linear_assignment:linear_assignment_reference",
-    cpp="fusion_engine.launchers.cpp:linear_assignment",
-)
+
+
+def _cpp_kernel():
+    from ..launchers.cpp import linear_assignment as kernel
+    return kernel
+
+
+register(OP, torch=linear_assignment_reference, cpp=_cpp_kernel)

@@ -61,13 +61,24 @@ def linear_merge_reference(tensors: list[torch.Tensor], coeffs: list[float], *, 
     acc = torch.zeros(tensors[0].shape, dtype=acc_dtype, device=tensors[0].device)
     for c, x in zip(coeffs, tensors):
         acc += torch.tensor(c, dtype=acc_dtype) * x.to(acc_dtype)
-    return acc.to(out_dtype), C.any_nonfinite(tensors)
+    return acc.to(out_dtype), C.any_nonfinite_reference(tensors)
 
 
-register(
-    "linear_merge",
-    torch="fusion_engine.ops.linear_merge:linear_merge_reference",
-    cpp="fusion_engine.launchers.cpp:linear_merge",
-    triton="fusion_engine.triton_kernels.linear_merge:linear_merge",
-    cuda="fusion_engine.launchers.cuda:linear_merge",
-)
+
+
+def _cpp_kernel():
+    from ..launchers.cpp import linear_merge as kernel
+    return kernel
+
+
+def _triton_kernel():
+    from ..triton_kernels.linear_merge import linear_merge as kernel
+    return kernel
+
+
+def _cuda_kernel():
+    from ..launchers.cuda import linear_merge as kernel
+    return kernel
+
+
+register("linear_merge", torch=linear_merge_reference, cpp=_cpp_kernel, triton=_triton_kernel, cuda=_cuda_kernel)

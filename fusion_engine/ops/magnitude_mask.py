@@ -13,9 +13,9 @@ from . import _common as C
 TIES_MODES = ("index", "threshold")
 
 
-def magnitude_mask(x, density, *, tie: str = "index", check_finite: bool = True,
+def magnitude_mask(x, density=None, *, k: int | None = None, tie: str = "index", check_finite: bool = True,
                    backend: str | None = None) -> torch.Tensor:
-    """Boolean mask of the k = floor(density · n) entries of largest |x|.
+    """Boolean mask of the k = floor(density · n) entries of largest |x| (or of ``k`` entries).
 
     Let T be the k-th largest |x_j|. ``tie="index"`` keeps every entry with |x_j| > T and, of the
     entries with |x_j| = T, the lowest indices, so that exactly k survive. ``tie="threshold"``
@@ -27,6 +27,7 @@ def magnitude_mask(x, density, *, tie: str = "index", check_finite: bool = True,
     ----------
     x : tensor of any shape (fp16, bf16, fp32, fp64)
     density : ρ ∈ [0, 1], the fraction of entries kept
+    k : the number of entries kept, in [0, n] (instead of ``density``)
     tie : ``"index"`` or ``"threshold"``
 
     Returns
@@ -40,9 +41,8 @@ def magnitude_mask(x, density, *, tie: str = "index", check_finite: bool = True,
     """
     op = "magnitude_mask"
     shape, dtype, device = C.check_tensors(op, [("x", x)])
-    (rho,) = C.densities(op, density, 1)
+    (k,) = C.keep_counts(op, density, k, 1, x.numel())
     C.choice(op, "tie", tie, TIES_MODES)
-    k = C.keep_count(rho, x.numel())
     return C.run(op, [("x", x)], shape, dtype, device, backend, check_finite,
                  (C.flat(x), k), dict(tie=tie))
 
@@ -65,13 +65,24 @@ def topk_magnitude_reference(values: torch.Tensor, k: int, tie: str) -> torch.Te
 
 def magnitude_mask_reference(x: torch.Tensor, k: int, *, tie: str):
     """Kernel-level oracle: flat x, keep count k. Returns ``(mask, nonfinite)``."""
-    return topk_magnitude_reference(x, k, tie), C.any_nonfinite([x])
+    return topk_magnitude_reference(x, k, tie), C.any_nonfinite_reference([x])
 
 
-register(
-    "magnitude_mask",
-    torch="fusion_engine.ops.magnitude_mask:magnitude_mask_reference",
-    cpp="fusion_engine.launchers.cpp:magnitude_mask",
-    triton="fusion_engine.triton_kernels.magnitude_mask:magnitude_mask",
-    cuda="fusion_engine.launchers.cuda:magnitude_mask",
-)
+
+
+def _cpp_kernel():
+    from ..launchers.cpp import magnitude_mask as kernel
+    return kernel
+
+
+def _triton_kernel():
+    from ..triton_kernels.magnitude_mask import magnitude_mask as kernel
+    return kernel
+
+
+def _cuda_kernel():
+    from ..launchers.cuda import magnitude_mask as kernel
+    return kernel
+
+
+register("magnitude_mask", torch=magnitude_mask_reference, cpp=_cpp_kernel, triton=_triton_kernel, cuda=_cuda_kernel)

@@ -15,17 +15,14 @@ from __future__ import annotations
 
 import torch
 
+from .._dispatch import register, resolve
 from ..errors import ConfigError
+from ..launchers._marshal import keep_threshold
 
 ROUND_A, ROUND_B = 0xD2511F53, 0xCD9E8D57
 KEY_A, KEY_B = 0x9E3779B9, 0xBB67AE85
 MASK32 = 0xFFFFFFFF
 ROUNDS = 10
-
-
-def keep_threshold(density: float) -> int:
-    """floor(ρ · 2^32): the integer an entry's random word must be below to be kept."""
-    return min(1 << 32, max(0, int(density * 4294967296.0)))
 
 
 def check_seed(op: str, seed, stream) -> tuple[int, int]:
@@ -63,22 +60,16 @@ def philox4x32(c0, c1, c2, c3, k0: int, k1: int):
 
 
 def random_words(n: int, *, seed: int, stream: int, model: int, offset: int = 0,
-                 device: torch.device | str = "cpu") -> torch.Tensor:
-    """The uint32 random words (as int64) of entries offset … offset+n−1 of model ``model``.
+                 device: torch.device | str = "cpu", backend: str | None = None) -> torch.Tensor:
+    """The uint32 random words (as int64) of entries offset … offset+n−1 of model ``model``:
+    u_j of the formula above, for j = offset … offset+n−1.
 
-    On CPU this runs the C++ kernel (``_C.philox_words``, AVX-512 where available); elsewhere, or
-    without the extension, :func:`random_words_reference`. Both give the same words.
+    Dispatched like every op: on CPU the C++ kernel (``launchers.cpp.philox_words``, AVX-512 where
+    available), elsewhere :func:`random_words_reference`. Every backend gives the same words.
     """
-    if torch.device(device).type == "cpu" and n > 0:
-        try:
-            from .. import _C
-        except ImportError:
-            _C = None
-        if _C is not None:
-            words = torch.empty(n, dtype=torch.int32)
-            _C.philox_words(words.data_ptr(), n, offset, model, stream, seed, torch.get_num_threads())
-            return words.to(torch.int64) & MASK32
-    return random_words_reference(n, seed=seed, stream=stream, model=model, offset=offset, device=device)
+    device = torch.device(device)
+    _, kernel = resolve("philox_words", device, None, backend)
+    return kernel(n, seed=seed, stream=stream, model=model, offset=offset, device=device)
 
 
 def random_words_reference(n: int, *, seed: int, stream: int, model: int, offset: int = 0,
@@ -89,6 +80,14 @@ def random_words_reference(n: int, *, seed: int, stream: int, model: int, offset
     full = lambda v: torch.full_like(j, v)  # noqa: E731
     words = philox4x32(q & MASK32, q >> 32, full(model), full(stream), seed & MASK32, seed >> 32)
     return torch.stack(words, dim=-1).gather(-1, (j & 3).unsqueeze(-1)).squeeze(-1)
+
+
+def _cpp_kernel():
+    from ..launchers.cpp import philox_words
+    return philox_words
+
+
+register("philox_words", torch=random_words_reference, cpp=_cpp_kernel, helper=True)
 
 
 def keep_mask(n: int, density: float, *, seed: int, stream: int, model: int, offset: int = 0,

@@ -245,9 +245,16 @@ def sinkhorn_reference(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, f: 
     return plan, reg * u, reg * v, n_iter, err
 
 
-register(
-    "sinkhorn",
-    torch="fusion_engine.ops.sinkhorn:sinkhorn_reference",
-    cpp="fusion_engine.launchers.cpp:sinkhorn",
-    triton="fusion_engine.triton_kernels.sinkhorn:sinkhorn",
-)
+
+
+def _cpp_kernel():
+    from ..launchers.cpp import sinkhorn as kernel
+    return kernel
+
+
+def _triton_kernel():
+    from ..triton_kernels.sinkhorn import sinkhorn as kernel
+    return kernel
+
+
+register("sinkhorn", torch=sinkhorn_reference, cpp=_cpp_kernel, triton=_triton_kernel)

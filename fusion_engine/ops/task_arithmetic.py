@@ -53,14 +53,25 @@ def task_arithmetic_reference(base: torch.Tensor, tensors: list[torch.Tensor], c
     acc_dtype = C.accum_dtype(base.dtype)
     acc = torch.zeros(base.shape, dtype=acc_dtype, device=base.device)
     for c, x in zip(coeffs, tensors):
-        acc += torch.tensor(c, dtype=acc_dtype) * C.task_vector(x, base)
-    return (base.to(acc_dtype) + acc).to(out_dtype), C.any_nonfinite([base, *tensors])
+        acc += torch.tensor(c, dtype=acc_dtype) * C.task_vector(x, base).to(acc_dtype)
+    return (base.to(acc_dtype) + acc).to(out_dtype), C.any_nonfinite_reference([base, *tensors])
 
 
-register(
-    "task_arithmetic",
-    torch="fusion_engine.ops.task_arithmetic:task_arithmetic_reference",
-    cpp="fusion_engine.launchers.cpp:task_arithmetic",
-    triton="fusion_engine.triton_kernels.task_arithmetic:task_arithmetic",
-    cuda="fusion_engine.launchers.cuda:task_arithmetic",
-)
+
+
+def _cpp_kernel():
+    from ..launchers.cpp import task_arithmetic as kernel
+    return kernel
+
+
+def _triton_kernel():
+    from ..triton_kernels.task_arithmetic import task_arithmetic as kernel
+    return kernel
+
+
+def _cuda_kernel():
+    from ..launchers.cuda import task_arithmetic as kernel
+    return kernel
+
+
+register("task_arithmetic", torch=task_arithmetic_reference, cpp=_cpp_kernel, triton=_triton_kernel, cuda=_cuda_kernel)

@@ -16,7 +16,7 @@ SIGN_ON = ("weighted", "unweighted")
 DIVISORS = ("weights", "count")
 
 
-def ties_merge(base, tensors, weights, density, *, sign: str = "sum", sign_on: str = "weighted",
+def ties_merge(base, tensors, weights, density=None, *, k=None, sign: str = "sum", sign_on: str = "weighted",
                divisor: str = "weights", normalize: bool = True, lam: float = 1.0, rescale: str | None = None,
                tie: str = "index", out_dtype=None, check_finite: bool = True,
                backend: str | None = None) -> torch.Tensor:
@@ -41,6 +41,7 @@ def ties_merge(base, tensors, weights, density, *, sign: str = "sum", sign_on: s
     tensors : list of K tensors x_i shaped like ``base``
     weights : K floats w_i (or a scalar, or None for all 1)
     density : ρ ∈ [0, 1], a scalar or one per tensor
+    k : keep counts k_i ∈ [0, n], a scalar or one per tensor (instead of ``density``)
     sign, sign_on, divisor, normalize, lam, rescale, tie : see above
     out_dtype, check_finite, backend : as in :func:`linear_merge`
 
@@ -61,7 +62,7 @@ def ties_merge(base, tensors, weights, density, *, sign: str = "sum", sign_on: s
     named = [("base", base)] + [(f"tensors[{i}]", t) for i, t in enumerate(tensors)]
     shape, dtype, device = C.check_tensors(op, named)
     w = C.per_model_floats(op, "weights", weights, len(tensors), default=1.0)
-    ks = [C.keep_count(d, base.numel()) for d in C.densities(op, density, len(tensors))]
+    ks = C.keep_counts(op, density, k, len(tensors), base.numel())
     C.choice(op, "sign", sign, SIGN_METHODS)
     C.choice(op, "sign_on", sign_on, SIGN_ON)
     C.choice(op, "divisor", divisor, DIVISORS)
@@ -80,19 +81,30 @@ def ties_merge_reference(base: torch.Tensor, tensors: list[torch.Tensor], weight
     """Kernel-level oracle: flat tensors, per-model keep counts k_i. Returns ``(y, nonfinite)``."""
     kept = []
     for x, k in zip(tensors, ks):
-        delta = C.task_vector(x, base)
+        delta = C.task_vector(x, base).to(C.accum_dtype(x.dtype))
         mask = topk_magnitude_reference(delta.to(x.dtype), k, tie).to(delta.dtype)
-        scale = C.l1_rescale_factor(delta, mask) if rescale == "l1" else 1.0
+        scale = C.l1_rescale(delta, delta * mask) if rescale == "l1" else 1.0
         kept.append(delta * mask * torch.tensor(scale, dtype=delta.dtype))
     y = C.combine_reference(base, kept, weights, consensus=sign, sign_on=sign_on, divisor=divisor,
                             normalize=normalize, lam=lam, out_dtype=out_dtype)
-    return y, C.any_nonfinite([base, *tensors])
+    return y, C.any_nonfinite_reference([base, *tensors])
 
 
-register(
-    "ties_merge",
-    torch="fusion_engine.ops.ties_merge:ties_merge_reference",
-    cpp="fusion_engine.launchers.cpp:ties_merge",
-    triton="fusion_engine.triton_kernels.ties_merge:ties_merge",
-    cuda="fusion_engine.launchers.cuda:ties_merge",
-)
+
+
+def _cpp_kernel():
+    from ..launchers.cpp import ties_merge as kernel
+    return kernel
+
+
+def _triton_kernel():
+    from ..triton_kernels.ties_merge import ties_merge as kernel
+    return kernel
+
+
+def _cuda_kernel():
+    from ..launchers.cuda import ties_merge as kernel
+    return kernel
+
+
+register("ties_merge", torch=ties_merge_reference, cpp=_cpp_kernel, triton=_triton_kernel, cuda=_cuda_kernel)

@@ -14,28 +14,9 @@ from hypothesis import strategies as st
 
 from fusion_engine.ops import dare_merge, stream_id, task_arithmetic
 from fusion_engine.ops.philox import keep_mask
-from utils import (
-    draw_task_merge,
-    DTYPE_IDS,
-    FLOAT_DTYPES,
-    GRID_SHAPES,
-    LARGE_SHAPES,
-    LAYOUTS,
-    as_list,
-    assert_bitwise_equal,
-    assert_verbose_allclose,
-    check_call,
-    densities_for,
-    device_for,
-    dtypes_for,
-    make_inputs,
-    shapes_for,
-    skip_large,
-    skip_unless_dtype,
-    skip_unless_kernel,
-    tolerance,
-    with_layout,
-)
+from utils import (draw_task_merge, LAYOUTS, as_list, assert_bitwise_equal, assert_verbose_allclose, check_call,
+                   densities_for, device_for, dtypes_for, make_inputs, shapes_for, skip_unless_kernel, tolerance,
+                   with_layout)
 
 OP = "dare_merge"
 
@@ -82,20 +63,6 @@ def test_every_switch(backend):
         check_call(dare_merge, (inputs.base, inputs.tensors, weights, density), kw, backend, inputs.named,
                    scale=_scale(inputs, weights, density, kw), expected_dtype=torch.float32, repeat=False)
 
-
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("shape", GRID_SHAPES + LARGE_SHAPES[:1], ids=str)
-def test_shapes_dtypes(backend, shape, dtype):
-    skip_unless_dtype(backend, dtype)
-    skip_large(backend, shape)
-    layouts = [LAYOUTS[(len(shape) + i) % len(LAYOUTS)] for i in range(4)]
-    inputs = make_inputs(shape, dtype, 3, layouts=layouts, seed=len(shape) + 30, device=device_for(backend))
-    weights, density = [0.5, -1.25, 2.0], [0.3, 0.7, 0.9]
-    for kw in (dict(), dict(rescale="l1", consensus="sum"),
-               dict(consensus="count", sign_on="unweighted", divisor="count", normalize=True)):
-        kw.update(seed=123, stream=stream_id("model.layers.0.mlp.up_proj.weight"))
-        check_call(dare_merge, (inputs.base, inputs.tensors, weights, density), kw, backend, inputs.named,
-                   scale=_scale(inputs, weights, density, kw), expected_dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------

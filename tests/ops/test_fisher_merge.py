@@ -6,24 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fusion_engine.ops import fisher_merge, linear_merge
-from utils import (
-    DTYPE_IDS,
-    FLOAT_DTYPES,
-    GRID_SHAPES,
-    LARGE_SHAPES,
-    LAYOUTS,
-    assert_verbose_allclose,
-    check_call,
-    device_for,
-    dtypes_for,
-    make_inputs,
-    merge_inputs,
-    positive,
-    skip_large,
-    skip_unless_dtype,
-    tolerance,
-    with_layout,
-)
+from utils import (DTYPE_IDS, LAYOUTS, assert_verbose_allclose, check_call, device_for, dtypes_for, make_inputs,
+                   merge_inputs, positive, skip_unless_dtype, tolerance, with_layout)
 
 OP = "fisher_merge"
 
@@ -67,18 +51,6 @@ def test_matches_reference(backend, data):
     check_call(fisher_merge, (xs, fs, weights), dict(eps=eps, out_dtype=out_dtype), backend, _named(xs, fs),
                scale=inputs.scale(), expected_dtype=out_dtype or inputs.dtype)
 
-
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("shape", GRID_SHAPES + LARGE_SHAPES[:1], ids=str)
-def test_shapes_dtypes(backend, shape, dtype):
-    skip_unless_dtype(backend, dtype)
-    skip_large(backend, shape)
-    layouts = [LAYOUTS[(len(shape) + i) % len(LAYOUTS)] for i in range(4)]
-    inputs = make_inputs(shape, dtype, 3, layouts=layouts, seed=len(shape) + 40, device=device_for(backend))
-    for fisher_dtype in sorted({dtype, torch.float32}, key=str):
-        fs = make_fishers(inputs.base, 3, "sparse", fisher_dtype, layouts[::-1], seed=len(shape))
-        check_call(fisher_merge, (inputs.tensors, fs, [0.5, 1.0, 2.0]), {}, backend, _named(inputs.tensors, fs),
-                   scale=inputs.scale(), expected_dtype=dtype)
 
 
 def test_docstring_example(backend):

@@ -6,25 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fusion_engine.ops import linear_merge
-from utils import (
-    DTYPE_IDS,
-    FLOAT_DTYPES,
-    GRID_SHAPES,
-    LARGE_SHAPES,
-    LAYOUTS,
-    as_list,
-    assert_bitwise_equal,
-    assert_verbose_allclose,
-    check_call,
-    device_for,
-    dtypes_for,
-    make_inputs,
-    merge_inputs,
-    skip_large,
-    skip_unless_dtype,
-    tolerance,
-    weights_for,
-)
+from utils import (DTYPE_IDS, FLOAT_DTYPES, as_list, assert_bitwise_equal, assert_verbose_allclose, check_call,
+                   device_for, dtypes_for, make_inputs, merge_inputs, skip_unless_dtype, tolerance, weights_for)
 
 OP = "linear_merge"
 
@@ -50,20 +33,6 @@ def test_matches_reference(backend, data):
                [(f"tensors[{i}]", t) for i, t in enumerate(tensors)],
                scale=_scale(inputs, weights, normalize), expected_dtype=out_dtype or inputs.dtype)
 
-
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("shape", GRID_SHAPES + LARGE_SHAPES[:1], ids=str)
-def test_shapes_dtypes(backend, shape, dtype):
-    skip_unless_dtype(backend, dtype)
-    skip_large(backend, shape)
-    layouts = [LAYOUTS[(len(shape) + i) % len(LAYOUTS)] for i in range(4)]
-    inputs = make_inputs(shape, dtype, 3, layouts=layouts, seed=len(shape), device=device_for(backend))
-    tensors = [inputs.base, *inputs.tensors]
-    weights = [0.5, -1.25, 2.0, 0.125]
-    for normalize in (True, False):
-        check_call(linear_merge, (tensors, weights), dict(normalize=normalize), backend,
-                   [(f"tensors[{i}]", t) for i, t in enumerate(tensors)],
-                   scale=_scale(inputs, weights, normalize), expected_dtype=dtype)
 
 
 def test_docstring_example(backend):

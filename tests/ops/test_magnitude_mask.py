@@ -9,23 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fusion_engine.ops import magnitude_mask
-from utils import (
-    DTYPE_IDS,
-    FLOAT_DTYPES,
-    GRID_SHAPES,
-    LARGE_SHAPES,
-    LAYOUTS,
-    InputGuard,
-    assert_bitwise_equal,
-    density_values,
-    device_for,
-    dtypes_for,
-    random_values,
-    shapes_for,
-    skip_large,
-    skip_unless_dtype,
-    with_layout,
-)
+from utils import (DTYPE_IDS, FLOAT_DTYPES, LAYOUTS, InputGuard, assert_bitwise_equal, density_values, device_for,
+                   dtypes_for, random_values, shapes_for, skip_unless_dtype, with_layout)
 
 OP = "magnitude_mask"
 
@@ -103,18 +88,6 @@ def test_matches_reference(backend, data):
     tie = data.draw(st.sampled_from(TIES))
     check_against_reference(backend, x, density, tie)
 
-
-@pytest.mark.parametrize("tie", TIES)
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("shape", GRID_SHAPES + LARGE_SHAPES[:1], ids=str)
-def test_shapes_dtypes(backend, shape, dtype, tie):
-    skip_unless_dtype(backend, dtype)
-    skip_large(backend, shape)
-    gen = torch.Generator().manual_seed(len(shape))
-    x = with_layout(random_values(gen, shape, "int").to(dtype).to(device_for(backend)),
-                    LAYOUTS[len(shape) % len(LAYOUTS)])
-    for density in (0.0, 0.3, 0.5, 1.0):
-        check_against_reference(backend, x, density, tie)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS.get)

@@ -6,24 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fusion_engine.ops import task_arithmetic
-from utils import (
-    DTYPE_IDS,
-    FLOAT_DTYPES,
-    GRID_SHAPES,
-    LARGE_SHAPES,
-    LAYOUTS,
-    as_list,
-    assert_bitwise_equal,
-    check_call,
-    device_for,
-    dtypes_for,
-    dyadic,
-    make_inputs,
-    merge_inputs,
-    skip_large,
-    skip_unless_dtype,
-    weights_for,
-)
+from utils import (DTYPE_IDS, FLOAT_DTYPES, as_list, assert_bitwise_equal, check_call, device_for, dtypes_for,
+                   dyadic, make_inputs, merge_inputs, skip_unless_dtype, weights_for)
 
 OP = "task_arithmetic"
 
@@ -45,18 +29,6 @@ def test_matches_reference(backend, data):
     check_call(task_arithmetic, (inputs.base, inputs.tensors, weights), dict(lam=lam, out_dtype=out_dtype),
                backend, inputs.named, scale=_scale(inputs, weights, lam), expected_dtype=out_dtype or inputs.dtype)
 
-
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("shape", GRID_SHAPES + LARGE_SHAPES[:1], ids=str)
-def test_shapes_dtypes(backend, shape, dtype):
-    skip_unless_dtype(backend, dtype)
-    skip_large(backend, shape)
-    layouts = [LAYOUTS[(len(shape) + i) % len(LAYOUTS)] for i in range(4)]
-    inputs = make_inputs(shape, dtype, 3, layouts=layouts, seed=len(shape) + 10, device=device_for(backend))
-    weights = [0.5, -1.25, 2.0]
-    for lam in (1.0, 0.3):
-        check_call(task_arithmetic, (inputs.base, inputs.tensors, weights), dict(lam=lam), backend, inputs.named,
-                   scale=_scale(inputs, weights, lam), expected_dtype=dtype)
 
 
 def test_docstring_example(backend):

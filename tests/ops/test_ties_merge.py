@@ -9,27 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fusion_engine.ops import magnitude_mask, ties_merge
-from utils import (
-    draw_task_merge,
-    DTYPE_IDS,
-    FLOAT_DTYPES,
-    GRID_SHAPES,
-    LARGE_SHAPES,
-    LAYOUTS,
-    MergeInputs,
-    as_list,
-    assert_bitwise_equal,
-    assert_verbose_allclose,
-    check_call,
-    densities_for,
-    device_for,
-    dtypes_for,
-    make_inputs,
-    skip_large,
-    skip_unless_dtype,
-    tolerance,
-    with_layout,
-)
+from utils import (draw_task_merge, DTYPE_IDS, FLOAT_DTYPES, LAYOUTS, MergeInputs, as_list, assert_bitwise_equal,
+                   assert_verbose_allclose, check_call, densities_for, device_for, dtypes_for, make_inputs,
+                   skip_unless_dtype, tolerance, with_layout)
 
 OP = "ties_merge"
 
@@ -76,18 +58,6 @@ def test_every_switch(backend):
         check_call(ties_merge, (base, tensors, weights, density), kw, backend, inputs.named,
                    scale=_scale(inputs, weights, density, kw), expected_dtype=torch.float32, repeat=False)
 
-
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("shape", GRID_SHAPES + LARGE_SHAPES[:1], ids=str)
-def test_shapes_dtypes(backend, shape, dtype):
-    skip_unless_dtype(backend, dtype)
-    skip_large(backend, shape)
-    layouts = [LAYOUTS[(len(shape) + i) % len(LAYOUTS)] for i in range(4)]
-    inputs = make_inputs(shape, dtype, 3, layouts=layouts, seed=len(shape) + 20, device=device_for(backend))
-    weights, density = [0.5, -1.25, 2.0], [0.3, 0.7, 0.05]
-    for kw in (dict(), dict(rescale="l1", tie="threshold"), dict(sign="count", sign_on="unweighted", divisor="count")):
-        check_call(ties_merge, (inputs.base, inputs.tensors, weights, density), kw, backend, inputs.named,
-                   scale=_scale(inputs, weights, density, kw), expected_dtype=dtype)
 
 
 def _trim_probe(shape, dtype, k, seed, device):

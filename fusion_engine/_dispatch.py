@@ -113,12 +113,32 @@ def backends() -> dict[str, BackendStatus]:
 
 def register(op: str, *, torch: Callable, helper: bool = False, **loaders: Loader) -> None:
     """Declare ``op``: its torch reference (``torch=``) and, for each compiled backend
-    (``cpp=``, ``cuda=``, ``triton=``), a zero-argument loader returning the kernel function.
+    (``cpp=``, ``cuda=``, ``triton=``), a zero-argument loader returning the kernel function, e.g.
+    ``cpp=lambda: cpp_launchers().ties_merge``.
     ``helper=True`` marks an op run on behalf of another (see the module docstring)."""
     unknown = set(loaders) - set(BACKENDS)
     if unknown:
         raise ValueError(f"register({op!r}): unknown backends {sorted(unknown)}")
     _REGISTRY[op] = OpKernels(torch, dict(loaders), helper)
+
+
+def cpp_launchers():
+    """``fusion_engine.launchers.cpp`` (it loads the ``_C`` extension), imported on first use."""
+    from .launchers import cpp
+    return cpp
+
+
+def cuda_launchers():
+    """``fusion_engine.launchers.cuda`` (it loads the ``_C_cuda`` extension), imported on first use."""
+    from .launchers import cuda
+    return cuda
+
+
+def triton_kernels():
+    """``fusion_engine.triton_kernels``, imported on first use; ``triton_kernels().<op>`` is the op's
+    kernel module (its submodules import on attribute access)."""
+    from . import triton_kernels as kernels
+    return kernels
 
 
 def registered() -> dict[str, OpKernels]:
@@ -167,7 +187,7 @@ def resolve(op: str, device: torch.device, dtype: torch.dtype | None,
         if not why:
             try:
                 return requested, _load(table, requested)
-            except ImportError as exc:
+            except (ImportError, AttributeError) as exc:
                 why = f"its kernel module failed to load: {exc}"
         raise BackendUnavailableError(
             f"backend {requested!r} was requested for {op} but cannot run: {why}. "
@@ -185,6 +205,6 @@ def resolve(op: str, device: torch.device, dtype: torch.dtype | None,
             continue
         try:
             return name, _load(table, name)
-        except ImportError as exc:  # an auto choice that fails to load falls back
+        except (ImportError, AttributeError) as exc:  # an auto choice that fails to load falls back
             log.debug("%s: skipping backend %s: %s", op, name, exc)
     return "torch", table.torch

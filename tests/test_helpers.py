@@ -110,7 +110,7 @@ def test_kernel_missing_reason(monkeypatch):
         from fusion_engine.launchers.no_such_module import f  # noqa: F401
 
     def missing_function():
-        from fusion_engine.launchers.cpp import no_such_fn  # noqa: F401
+        return _dispatch.cpp_launchers().no_such_fn
 
     monkeypatch.setitem(_dispatch._REGISTRY, "fake_op",
                         _dispatch.OpKernels(linear_merge, {"cpp": missing_module, "triton": missing_function}))

@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from ..errors import (ConfigError, DeviceMismatchError, DTypeMismatchError, MissingTensorError, NonFiniteError,
-                      ShapeMismatchError)
+from ..errors import ConfigError, DTypeMismatchError, MissingTensorError, NonFiniteError
 from . import registry as R
+from ..ops._common import check_tensors
 from ..ops.nonfinite import any_nonfinite
 
 # methods whose fused ops or reductions report NaN/Inf inputs themselves (one pass fewer)
@@ -46,24 +46,6 @@ def _check_dtype_arg(what: str, value) -> None:
     if value is not None and (not isinstance(value, torch.dtype) or not value.is_floating_point):
         raise DTypeMismatchError(f"{what}={value!r} must be a floating-point torch.dtype "
                                  f"(torch.float32, torch.bfloat16, torch.float16, torch.float64)")
-
-
-def _check_tensors(method: str, tensors: list, ids: list, label: str) -> None:
-    where = f" for {label}" if label else ""
-    for key, t in zip(ids, tensors):
-        if not isinstance(t, torch.Tensor):
-            raise ConfigError(f"{method}{where}: input {key!r} is a {type(t).__name__}, not a torch.Tensor")
-        if not t.is_floating_point():
-            raise DTypeMismatchError(f"{method}{where}: input {key!r} has dtype {t.dtype}; merge methods take "
-                                     f"floating-point tensors (non-floating buffers are copied by merge_state_dicts)")
-    first_key, first = ids[0], tensors[0]
-    for key, t in zip(ids, tensors):
-        if t.shape != first.shape:
-            raise ShapeMismatchError(f"{method}{where}: input {key!r} has shape {tuple(t.shape)} but input "
-                                     f"{first_key!r} has {tuple(first.shape)}; merged tensors must have one shape")
-        if t.device != first.device:
-            raise DeviceMismatchError(f"{method}{where}: input {key!r} is on {t.device} but input {first_key!r} "
-                                      f"is on {first.device}; move them to one device")
 
 
 def _nonfinite(tensors: list[torch.Tensor], ids: list) -> list:
@@ -132,7 +114,8 @@ def merge_bound(tensors: list[torch.Tensor], method: R.Method, bound: dict[str, 
     m = method
     label = name or ""
     ids = list(range(len(tensors))) if ids is None else list(ids)
-    _check_tensors(m.name, tensors, ids, label)
+    check_tensors(m.name + (f" for {label}" if label else ""),
+                  [(f"input {key!r}", t) for key, t in zip(ids, tensors)], same_dtype=False)
     _check_dtype_arg("dtype", dtype)
     _check_dtype_arg("out_dtype", out_dtype)
     working = dtype

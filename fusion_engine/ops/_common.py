@@ -32,25 +32,29 @@ def accum_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_tensors(op: str, named: Sequence[tuple[str, torch.Tensor]]) -> tuple[torch.Size, torch.dtype, torch.device]:
-    """All tensors must be floating, of one shape, dtype and device. Returns that triple."""
+def check_tensors(op: str, named: Sequence[tuple[str, torch.Tensor]], *,
+                  same_dtype: bool = True) -> tuple[torch.Size, torch.dtype, torch.device]:
+    """All tensors must be floating, of one shape and device, and (``same_dtype``) of one dtype among
+    float16, bfloat16, float32, float64; without ``same_dtype`` any floating dtypes may mix (the
+    merge API converts them to its working dtype). Returns the first tensor's (shape, dtype, device)."""
     if not named:
         raise ConfigError(f"{op}: got an empty list of tensors; pass at least one tensor to merge")
     first_name, first = named[0]
     for name, t in named:
         if not isinstance(t, torch.Tensor):
             raise ConfigError(f"{op}: {name} is a {type(t).__name__}, not a torch.Tensor")
-        if t.dtype not in FLOAT_DTYPES:
+        if t.dtype not in FLOAT_DTYPES and (same_dtype or not t.is_floating_point()):
             raise DTypeMismatchError(
                 f"{op}: {name} has dtype {t.dtype}; supported are float16, bfloat16, float32, float64 "
                 f"(cast it with .to(torch.float32))"
             )
+    for name, t in named:
         if t.shape != first.shape:
             raise ShapeMismatchError(
                 f"{op}: {name} has shape {tuple(t.shape)} but {first_name} has {tuple(first.shape)}; "
                 f"every merged tensor must have the same shape"
             )
-        if t.dtype != first.dtype:
+        if same_dtype and t.dtype != first.dtype:
             raise DTypeMismatchError(
                 f"{op}: {name} has dtype {t.dtype} but {first_name} has {first.dtype}; "
                 f"cast them to one dtype first"
@@ -100,7 +104,7 @@ def keep_counts(op: str, density, k, count: int, numel: int) -> list[int]:
         return [keep_count(d, numel) for d in densities(op, density, count)]
     if isinstance(k, torch.Tensor):
         k = k.reshape(-1).tolist() if k.dim() else int(k)
-    ks = [k] * count if hasattr(k, "__index__") else list(k)
+    ks = [k] * count if not isinstance(k, (list, tuple)) else list(k)
     if len(ks) != count:
         raise ConfigError(f"{op}: got {len(ks)} keep counts k for {count} tensors; give one per tensor or a scalar")
     for i, ki in enumerate(ks):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .._dispatch import register, resolve
+from .._dispatch import register, resolve, triton_kernels
 from . import _common as C
 
 OP = "cost_matrix"
@@ -132,11 +132,5 @@ def _unit_rows(v: torch.Tensor) -> torch.Tensor:
     return v * torch.where(norm > 0, 1 / norm, torch.zeros_like(norm))
 
 
-
-
-def _triton_kernel():
-    from ..triton_kernels.cost_matrix import cost_matrix as kernel
-    return kernel
-
-
-register(OP, torch=cost_matrix_reference, triton=_triton_kernel)
+register(OP, torch=cost_matrix_reference,
+         triton=lambda: triton_kernels().cost_matrix.cost_matrix)

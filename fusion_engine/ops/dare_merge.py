@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .._dispatch import register
+from .._dispatch import cpp_launchers, cuda_launchers, register, triton_kernels
 from . import _common as C
 from .philox import check_seed, keep_mask, keep_threshold
 from .ties_merge import DIVISORS, SIGN_METHODS, SIGN_ON
@@ -91,21 +91,7 @@ def dare_merge_reference(base: torch.Tensor, tensors: list[torch.Tensor], weight
     return y, C.any_nonfinite_reference([base, *tensors])
 
 
-
-
-def _cpp_kernel():
-    from ..launchers.cpp import dare_merge as kernel
-    return kernel
-
-
-def _triton_kernel():
-    from ..triton_kernels.dare_merge import dare_merge as kernel
-    return kernel
-
-
-def _cuda_kernel():
-    from ..launchers.cuda import dare_merge as kernel
-    return kernel
-
-
-register("dare_merge", torch=dare_merge_reference, cpp=_cpp_kernel, triton=_triton_kernel, cuda=_cuda_kernel)
+register("dare_merge", torch=dare_merge_reference,
+         cpp=lambda: cpp_launchers().dare_merge,
+         triton=lambda: triton_kernels().dare_merge.dare_merge,
+         cuda=lambda: cuda_launchers().dare_merge)

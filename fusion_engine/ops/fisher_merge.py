@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .._dispatch import register
+from .._dispatch import cpp_launchers, cuda_launchers, register, triton_kernels
 from . import _common as C
 
 
@@ -72,21 +72,7 @@ def fisher_merge_reference(tensors: list[torch.Tensor], fishers: list[torch.Tens
     return (num / (den + torch.tensor(eps, dtype=acc_dtype))).to(out_dtype), C.any_nonfinite_reference([*tensors, *fishers])
 
 
-
-
-def _cpp_kernel():
-    from ..launchers.cpp import fisher_merge as kernel
-    return kernel
-
-
-def _triton_kernel():
-    from ..triton_kernels.fisher_merge import fisher_merge as kernel
-    return kernel
-
-
-def _cuda_kernel():
-    from ..launchers.cuda import fisher_merge as kernel
-    return kernel
-
-
-register("fisher_merge", torch=fisher_merge_reference, cpp=_cpp_kernel, triton=_triton_kernel, cuda=_cuda_kernel)
+register("fisher_merge", torch=fisher_merge_reference,
+         cpp=lambda: cpp_launchers().fisher_merge,
+         triton=lambda: triton_kernels().fisher_merge.fisher_merge,
+         cuda=lambda: cuda_launchers().fisher_merge)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .._dispatch import register, resolve
+from .._dispatch import cpp_launchers, register, resolve
 from . import _common as C
 from .nonfinite import any_nonfinite_reference
 
@@ -66,9 +66,5 @@ def inner_products_reference(tensors: list[torch.Tensor], base: torch.Tensor | N
     return gram, nonfinite
 
 
-def _cpp_kernel():
-    from ..launchers.cpp import inner_products as kernel
-    return kernel
-
-
-register("inner_products", torch=inner_products_reference, cpp=_cpp_kernel, helper=True)
+register("inner_products", torch=inner_products_reference,
+         cpp=lambda: cpp_launchers().inner_products, helper=True)

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .._dispatch import register, resolve
+from .._dispatch import cpp_launchers, register, resolve
 from . import _common as C
 
 OP = "linear_assignment"
@@ -191,11 +191,5 @@ def _shortest_augmenting_paths(cost: torch.Tensor) -> torch.Tensor:
     return col_of_row
 
 
-
-
-def _cpp_kernel():
-    from ..launchers.cpp import linear_assignment as kernel
-    return kernel
-
-
-register(OP, torch=linear_assignment_reference, cpp=_cpp_kernel)
+register(OP, torch=linear_assignment_reference,
+         cpp=lambda: cpp_launchers().linear_assignment)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .._dispatch import register
+from .._dispatch import cpp_launchers, cuda_launchers, register, triton_kernels
 from ..errors import ConfigError
 from . import _common as C
 
@@ -64,21 +64,7 @@ def linear_merge_reference(tensors: list[torch.Tensor], coeffs: list[float], *, 
     return acc.to(out_dtype), C.any_nonfinite_reference(tensors)
 
 
-
-
-def _cpp_kernel():
-    from ..launchers.cpp import linear_merge as kernel
-    return kernel
-
-
-def _triton_kernel():
-    from ..triton_kernels.linear_merge import linear_merge as kernel
-    return kernel
-
-
-def _cuda_kernel():
-    from ..launchers.cuda import linear_merge as kernel
-    return kernel
-
-
-register("linear_merge", torch=linear_merge_reference, cpp=_cpp_kernel, triton=_triton_kernel, cuda=_cuda_kernel)
+register("linear_merge", torch=linear_merge_reference,
+         cpp=lambda: cpp_launchers().linear_merge,
+         triton=lambda: triton_kernels().linear_merge.linear_merge,
+         cuda=lambda: cuda_launchers().linear_merge)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .._dispatch import register
+from .._dispatch import cpp_launchers, cuda_launchers, register, triton_kernels
 from . import _common as C
 
 TIES_MODES = ("index", "threshold")
@@ -68,21 +68,7 @@ def magnitude_mask_reference(x: torch.Tensor, k: int, *, tie: str):
     return topk_magnitude_reference(x, k, tie), C.any_nonfinite_reference([x])
 
 
-
-
-def _cpp_kernel():
-    from ..launchers.cpp import magnitude_mask as kernel
-    return kernel
-
-
-def _triton_kernel():
-    from ..triton_kernels.magnitude_mask import magnitude_mask as kernel
-    return kernel
-
-
-def _cuda_kernel():
-    from ..launchers.cuda import magnitude_mask as kernel
-    return kernel
-
-
-register("magnitude_mask", torch=magnitude_mask_reference, cpp=_cpp_kernel, triton=_triton_kernel, cuda=_cuda_kernel)
+register("magnitude_mask", torch=magnitude_mask_reference,
+         cpp=lambda: cpp_launchers().magnitude_mask,
+         triton=lambda: triton_kernels().magnitude_mask.magnitude_mask,
+         cuda=lambda: cuda_launchers().magnitude_mask)

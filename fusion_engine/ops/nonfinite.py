@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from .._dispatch import register, resolve
+from .._dispatch import cpp_launchers, register, resolve
 from ._common import accum_dtype, any_nonfinite_reference, flat
 
 
@@ -45,9 +45,5 @@ def any_nonfinite_torch(tensors: Sequence[torch.Tensor]) -> bool:
     return False
 
 
-def _cpp_kernel():
-    from ..launchers.cpp import any_nonfinite as kernel
-    return kernel
-
-
-register("any_nonfinite", torch=any_nonfinite_torch, cpp=_cpp_kernel, helper=True)
+register("any_nonfinite", torch=any_nonfinite_torch,
+         cpp=lambda: cpp_launchers().any_nonfinite, helper=True)

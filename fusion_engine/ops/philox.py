@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .._dispatch import register, resolve
+from .._dispatch import cpp_launchers, register, resolve
 from ..errors import ConfigError
 from ..launchers._marshal import keep_threshold
 
@@ -82,12 +82,7 @@ def random_words_reference(n: int, *, seed: int, stream: int, model: int, offset
     return torch.stack(words, dim=-1).gather(-1, (j & 3).unsqueeze(-1)).squeeze(-1)
 
 
-def _cpp_kernel():
-    from ..launchers.cpp import philox_words
-    return philox_words
-
-
-register("philox_words", torch=random_words_reference, cpp=_cpp_kernel, helper=True)
+register("philox_words", torch=random_words_reference, cpp=lambda: cpp_launchers().philox_words, helper=True)
 
 
 def keep_mask(n: int, density: float, *, seed: int, stream: int, model: int, offset: int = 0,

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from .._dispatch import register, resolve
+from .._dispatch import cpp_launchers, register, resolve, triton_kernels
 from . import _common as C
 
 MARGINAL_SUM_RTOL = 1e-5  # |Σa − Σb| ≤ this · max(Σa, Σb), checked in float64
@@ -245,16 +245,6 @@ def sinkhorn_reference(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, f: 
     return plan, reg * u, reg * v, n_iter, err
 
 
-
-
-def _cpp_kernel():
-    from ..launchers.cpp import sinkhorn as kernel
-    return kernel
-
-
-def _triton_kernel():
-    from ..triton_kernels.sinkhorn import sinkhorn as kernel
-    return kernel
-
-
-register("sinkhorn", torch=sinkhorn_reference, cpp=_cpp_kernel, triton=_triton_kernel)
+register("sinkhorn", torch=sinkhorn_reference,
+         cpp=lambda: cpp_launchers().sinkhorn,
+         triton=lambda: triton_kernels().sinkhorn.sinkhorn)

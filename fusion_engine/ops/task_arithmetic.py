@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .._dispatch import register
+from .._dispatch import cpp_launchers, cuda_launchers, register, triton_kernels
 from . import _common as C
 
 
@@ -57,21 +57,7 @@ def task_arithmetic_reference(base: torch.Tensor, tensors: list[torch.Tensor], c
     return (base.to(acc_dtype) + acc).to(out_dtype), C.any_nonfinite_reference([base, *tensors])
 
 
-
-
-def _cpp_kernel():
-    from ..launchers.cpp import task_arithmetic as kernel
-    return kernel
-
-
-def _triton_kernel():
-    from ..triton_kernels.task_arithmetic import task_arithmetic as kernel
-    return kernel
-
-
-def _cuda_kernel():
-    from ..launchers.cuda import task_arithmetic as kernel
-    return kernel
-
-
-register("task_arithmetic", torch=task_arithmetic_reference, cpp=_cpp_kernel, triton=_triton_kernel, cuda=_cuda_kernel)
+register("task_arithmetic", torch=task_arithmetic_reference,
+         cpp=lambda: cpp_launchers().task_arithmetic,
+         triton=lambda: triton_kernels().task_arithmetic.task_arithmetic,
+         cuda=lambda: cuda_launchers().task_arithmetic)

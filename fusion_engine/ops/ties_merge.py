@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .._dispatch import register
+from .._dispatch import cpp_launchers, cuda_launchers, register, triton_kernels
 from . import _common as C
 from .magnitude_mask import TIES_MODES, topk_magnitude_reference
 
@@ -90,21 +90,7 @@ def ties_merge_reference(base: torch.Tensor, tensors: list[torch.Tensor], weight
     return y, C.any_nonfinite_reference([base, *tensors])
 
 
-
-
-def _cpp_kernel():
-    from ..launchers.cpp import ties_merge as kernel
-    return kernel
-
-
-def _triton_kernel():
-    from ..triton_kernels.ties_merge import ties_merge as kernel
-    return kernel
-
-
-def _cuda_kernel():
-    from ..launchers.cuda import ties_merge as kernel
-    return kernel
-
-
-register("ties_merge", torch=ties_merge_reference, cpp=_cpp_kernel, triton=_triton_kernel, cuda=_cuda_kernel)
+register("ties_merge", torch=ties_merge_reference,
+         cpp=lambda: cpp_launchers().ties_merge,
+         triton=lambda: triton_kernels().ties_merge.ties_merge,
+         cuda=lambda: cuda_launchers().ties_merge)

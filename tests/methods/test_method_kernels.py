@@ -43,7 +43,7 @@ def test_inner_products_kernel_matches_exact_gram(dtype, n, with_base):
     bound = (magnitudes @ magnitudes.T) * eps + 1e-12
     assert ((torch.tensor(gram, dtype=torch.float64) - exact).abs() <= bound).all()
     reference, _ = inner_products_reference(xs, base)
-    assert ((reference - exact).abs() <= 4 * bound).all()
+    assert ((reference - exact).abs() <= 16 * bound).all()  # torch.dot's order depends on alignment
     assert torch.equal(torch.tensor(gram, dtype=torch.float64), torch.tensor(gram, dtype=torch.float64).T)
 
 

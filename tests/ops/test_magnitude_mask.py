@@ -153,3 +153,17 @@ def test_docstring_example(backend):
     x = torch.tensor([0.1, -3.0, 2.0, 2.0], device=device_for(backend))
     mask = magnitude_mask(x, 0.5, backend=backend)
     assert mask.cpu().tolist() == [False, True, True, False]
+
+
+def test_keep_count_instead_of_density(backend):
+    """``k=`` keeps exactly k entries (what a caller holding a count passes, no density round trip);
+    exactly one of density and k, k an int in [0, n]."""
+    from fusion_engine.errors import ConfigError
+
+    x = torch.tensor([0.1, -3.0, 2.0, 2.0, 0.5], device=device_for(backend))
+    for k in range(6):
+        assert int(magnitude_mask(x, k=k, backend=backend).sum()) == k
+    assert torch.equal(magnitude_mask(x, k=2, backend=backend), magnitude_mask(x, 0.4, backend=backend))
+    for bad in (dict(), dict(density=0.5, k=1), dict(k=6), dict(k=-1), dict(k=1.5), dict(k=True)):
+        with pytest.raises(ConfigError, match="k|density"):
+            magnitude_mask(x, backend=backend, **bad)

@@ -182,3 +182,11 @@ def test_many_models_aliases_and_parameters(backend):
     y = ties_merge(params[0], params[1:], None, 0.5, backend=backend)
     expected = ties_merge(inputs.base, inputs.tensors[:3], None, 0.5, backend="torch")
     assert_verbose_allclose(y.detach(), expected, *tolerance(torch.float32, 4 * inputs.scale()), what="Parameters")
+
+
+def test_keep_counts_instead_of_densities(backend):
+    device = device_for(backend)
+    b = torch.zeros(4, device=device)
+    xs = [torch.tensor([1., -2, 3, 0], device=device), torch.tensor([-1., -1, 1, 4], device=device)]
+    assert torch.equal(ties_merge(b, xs, None, k=[2, 2], backend=backend), ties_merge(b, xs, None, 0.5, backend=backend))
+    assert torch.equal(ties_merge(b, xs, None, k=2, backend=backend), ties_merge(b, xs, None, 0.5, backend=backend))

@@ -86,6 +86,12 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("backend", backend_params(op))
 
 
+# Tests that take many seconds each under the Triton CPU interpreter (native, and fast, on a GPU):
+# their [triton] cases are marked slow without a GPU (run them with `pytest -m slow`).
+SLOW_UNDER_TRITON_INTERPRETER = {"test_every_switch", "test_chunking", "test_matches_reference",
+                                 "test_per_problem_convergence"}
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return
@@ -93,3 +99,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+        name, _, params = item.name.partition("[")
+        if name in SLOW_UNDER_TRITON_INTERPRETER and params.startswith("triton"):
+            item.add_marker(pytest.mark.slow)

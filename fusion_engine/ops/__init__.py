@@ -1,4 +1,10 @@
-"""Merge ops: each module holds the public function, its torch reference and its dispatch entry."""
+"""Merge ops: each module holds the public function, its torch reference and its registration.
+
+From an op to its kernel in three modules: ``ops/<op>.py`` (validates, flattens, calls
+:func:`fusion_engine._dispatch.resolve`) → ``_dispatch.py`` (picks the backend, loads the kernel
+registered for it) → ``launchers/cpp.py``, ``launchers/cuda.py`` or ``triton_kernels/<op>.py``
+(the kernel call itself).
+"""
 
 from .cost_matrix import cost_matrix
 from .dare_merge import dare_merge

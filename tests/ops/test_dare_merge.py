@@ -165,6 +165,7 @@ _OMP_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a subprocess per thread count
 def test_cpp_masks_independent_of_omp_threads(tmp_path):
     """OMP_NUM_THREADS=1 vs 2 in fresh processes (the extension's OpenMP runtime reads it at load)."""
     from fusion_engine._dispatch import backends

@@ -9,12 +9,15 @@
 Every method of mergekit 0.1.5's registry is here (linear, task_arithmetic, ties, dare_ties,
 dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear, slerp, nuslerp, multislerp,
 karcher, model_stock, nearswap, sce, ram, ramplus_tl, arcee_fusion, passthrough), plus
-``fisher`` (Fisher-weighted averaging with given Fisher tensors or statistics files) and ``regmean``
-(RegMean from the Gram matrices of statistics files: ``fusion-engine measure``).
+``fisher`` (Fisher-weighted averaging with given Fisher tensors or statistics files), ``regmean``
+(RegMean from the Gram matrices of statistics files: ``fusion-engine measure``) and the 2024–26
+task-vector methods ``tsv``, ``iso_c``, ``iso_cts`` (:mod:`.subspace`), ``magmax``, ``consensus``,
+``pcb`` (:mod:`.task_vector_masks`) and ``wudi`` (:mod:`.wudi`); :mod:`.lines` scales any merge by
+depth (LiNeS).
 """
 
 from . import (arcee_fusion, fisher, linear, model_stock, nearswap, passthrough, ram,  # noqa: F401  (register)
-               regmean, sce, slerp, task_arithmetic)
+               regmean, sce, slerp, subspace, task_arithmetic, task_vector_masks, wudi)
 from .api import PerGroupValues, merge_state_dicts, merge_tensors
 from .registry import Group, Method, Parameter, get, names, register, validate_parameters
 

@@ -15,8 +15,11 @@ MERGEKIT_METHODS = {"linear", "task_arithmetic", "ties", "dare_ties", "dare_line
                     "model_stock", "nearswap", "sce", "ram", "ramplus_tl", "arcee_fusion", "passthrough"}
 
 
+TASK_VECTOR_METHODS_2024_26 = {"tsv", "iso_c", "iso_cts", "magmax", "consensus", "pcb", "wudi"}
+
+
 def test_names_cover_mergekit_and_fisher():
-    assert set(names()) == MERGEKIT_METHODS | {"fisher", "regmean"}
+    assert set(names()) == MERGEKIT_METHODS | {"fisher", "regmean"} | TASK_VECTOR_METHODS_2024_26
     assert list(names()) == sorted(names())
 
 

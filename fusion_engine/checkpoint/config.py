@@ -48,7 +48,7 @@ DTYPES = {
     "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
 }
 TOP_LEVEL_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
-                  "tokenizer_source", "name")
+                  "tokenizer_source", "name", "lines")
 UNSUPPORTED_KEYS = {
     "modules": "write the merge with top-level `models:` or `slices:`",
     "tokenizer": "use `tokenizer_source: base` (or a model path) instead of a `tokenizer:` block",
@@ -114,6 +114,7 @@ class MergeConfig:
     path: str | None = None  # the file it was read from (copied to the output as mergekit_config.yml)
     text: str = ""
     lines: dict[str, int] = field(default_factory=dict)
+    lines_scaling: tuple[float, float] | None = None  # LiNeS (alpha, beta) of a top-level `lines:` key
 
     def line_of(self, key: str) -> int | None:
         return self.lines.get(key)
@@ -315,9 +316,21 @@ def parse_config(text: str, filename: str = "config.yaml", base_dir: str = ".") 
         if tokenizer_source == "union":
             raise doc.error(top["tokenizer_source"][1], "tokenizer_source: union (a merged vocabulary) is not "
                             "supported", "use tokenizer_source: base, or a model whose tokenizer all models share")
+    lines_scaling = _lines_scaling(doc, top["lines"][1]) if "lines" in top else None
     return MergeConfig(merge_method=method, base_model=base_model, models=models, slices=slices,
                        parameters=parameters, dtype=dtype, out_dtype=out_dtype, tokenizer_source=tokenizer_source,
-                       filename=filename, base_dir=base_dir, text=text, lines=lines)
+                       filename=filename, base_dir=base_dir, text=text, lines=lines, lines_scaling=lines_scaling)
+
+
+def _lines_scaling(doc: _Doc, node: yaml.Node) -> tuple[float, float]:
+    """``lines: {alpha: a, beta: b}``: LiNeS's depth scaling (:mod:`fusion_engine.methods.lines`)."""
+    from ..methods.lines import check_lines
+
+    entries = doc.mapping(node, "lines", ("alpha", "beta"), required=("alpha", "beta"))
+    try:
+        return check_lines(doc.value(entries["alpha"][1]), doc.value(entries["beta"][1]))
+    except ConfigError as exc:
+        raise doc.error(node, str(exc)) from None
 
 
 def _model_entry(doc: _Doc, node: yaml.Node) -> SliceSource:

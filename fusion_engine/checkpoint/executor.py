@@ -36,7 +36,9 @@ from ..io.checkpoint import Checkpoints
 from ..io.writer import (DEFAULT_MAX_SHARD_BYTES, SAFETENSORS_INDEX, ShardedWriter, ShardLayout, parse_size,
                          plan_shards, write_file_synced)
 from ..methods.api import merge_bound, merge_tensors
+from ..methods.lines import scale_task_vector
 from ..methods.registry import get as get_method
+from ..ops._common import accum_dtype
 from . import distributed
 from .plan import SIDE_FILES, MergePlan, TensorTask
 
@@ -87,14 +89,18 @@ def _is_plain_copy(job: _Job, input_dtype: torch.dtype) -> bool:
 def merge_job(job: _Job, inputs: list[torch.Tensor]) -> torch.Tensor:
     """The output tensor of ``job`` from its input tensors (on any device): what the merge writes."""
     task = job.task
+    lines = task.lines_scale is not None  # LiNeS: merge in float32, rescale the task vector, round once
+    out_dtype = accum_dtype(job.out_dtype) if lines else job.out_dtype
     if _is_plain_copy(job, inputs[0].dtype):
         out = inputs[0]
     elif task.bound is not None:  # parameters validated by the planner: not again per tensor
         out = merge_bound(inputs, get_method(task.method), task.bound, base_index=task.base_index,
-                          name=task.out_name, dtype=task.dtype, out_dtype=job.out_dtype)
+                          name=task.out_name, dtype=task.dtype, out_dtype=out_dtype)
     else:
         out = merge_tensors(inputs, task.method, parameters=task.parameters, base_index=task.base_index,
-                            name=task.out_name, dtype=task.dtype, out_dtype=job.out_dtype)
+                            name=task.out_name, dtype=task.dtype, out_dtype=out_dtype)
+    if lines:
+        out = scale_task_vector(inputs[task.base_index], out, task.lines_scale, job.out_dtype)
     if tuple(out.shape) != tuple(task.shape):
         raise ShapeMismatchError(f"output tensor {task.out_name!r}: the plan says shape {list(task.shape)}, "
                                  f"the merge produced {list(out.shape)}")

@@ -40,6 +40,7 @@ class TensorTask:
     input copies it (frankenmerge slices). ``bound`` holds them as the planner validated and bound
     them (:func:`fusion_engine.methods.validate_parameters`), so the executor merges without checking
     them again; None (a plan made by hand) makes the executor bind ``parameters`` itself.
+    ``lines_scale`` (LiNeS, None: off) rescales the merged task vector: y' = b + s (y − b).
     """
 
     out_name: str
@@ -51,6 +52,7 @@ class TensorTask:
     dtype: torch.dtype | None = None
     out_dtype: torch.dtype | None = None
     bound: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    lines_scale: float | None = None
 
     @property
     def out_numel(self) -> int:

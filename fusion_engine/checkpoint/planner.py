@@ -70,6 +70,12 @@ class Layout:
         return f"{self.layer_prefix}{index}.{suffix}"
 
 
+def layer_index(name: str, layer_prefix: str | None) -> int | None:
+    """The layer of tensor ``name`` in the layer stack ``layer_prefix`` (e.g. ``model.layers.``), or None."""
+    m = LAYER_RE.match(name)
+    return int(m["index"]) if m and m["prefix"] == layer_prefix else None
+
+
 def layout_of(names: list[str], num_layers_hint: int | None = None) -> Layout:
     """Sort tensor names into pre / layers / post. With several layer stacks, the main one is the one
     whose depth equals ``num_layers_hint`` (the config's ``num_hidden_layers``), else the deepest."""
@@ -304,10 +310,25 @@ class Planner:
             post += [n for n in self.layouts[model].post if n not in post and n.endswith("lm_head.weight")]
         for name in post:
             tasks.append(self._task(name, last, [name] * len(last.sources), t=0.0))
+        if cfg.lines_scaling is not None:
+            self._lines(tasks, ref.layer_prefix, out_layer)
         return MergePlan(models=dict(self.paths), tasks=tasks,
                          config_json=self._config_json(ref_model, out_layer),
                          extra_files=self._extra_files(ref_model),
                          default_out_dtype=cfg.out_dtype or cfg.dtype)
+
+    def _lines(self, tasks: list[TensorTask], layer_prefix: str | None, num_layers: int) -> None:
+        """LiNeS: each task's depth factor, from the output layer in its name (α outside the layers)."""
+        from ..methods.lines import lines_scale
+
+        if any(task.base_index is None for task in tasks):
+            raise ConfigError(self._where(self.config.line_of("lines"), f"lines: (LiNeS) scales task vectors, "
+                                          f"but merge_method {self.spec.name} has no base model here",
+                                          "set base_model: and use a task-vector method (task_arithmetic, ties, "
+                                          "tsv, ...)"))
+        alpha, beta = self.config.lines_scaling
+        for task in tasks:
+            task.lines_scale = lines_scale(layer_index(task.out_name, layer_prefix), num_layers, alpha, beta)
 
     def _check_parameter_names(self) -> None:
         known = {p.name for p in self.spec.parameters}
@@ -536,6 +557,9 @@ def plan_summary(plan: MergePlan, config: MergeConfig | None = None, *, checkpoi
     for method, (count, nbytes, k) in by_method.items():
         lines.append(f"  {method}: {count} tensors, {_human(nbytes)}, {k} input{'s' if k != 1 else ''} each at most")
     lines.append(f"reads: {_human(read_bytes)}")
+    scales = [task.lines_scale for task in plan.tasks if task.lines_scale is not None]
+    if scales:
+        lines.append(f"LiNeS: task vectors scaled by {min(scales):g} … {max(scales):g} (shallow → deep layers)")
     if plan.extra_files:
         lines.append(f"copies: {', '.join(sorted(plan.extra_files))}")
     return "\n".join(lines)

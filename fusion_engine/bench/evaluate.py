@@ -3,12 +3,14 @@
 Part 1, multi-task merging (:mod:`fusion_engine.bench.tasks`): one pre-trained MLP, K tasks (rotated /
 mirrored digits), one briefly fine-tuned model per task. Rows: the pre-trained model, the individual
 fine-tuned models (each on its own task), a model trained on all tasks jointly, and the merges —
-simple average, task arithmetic, TIES, DARE, Fisher, RegMean, AdaMerging (task- and layer-wise) — and
-the output ensemble of the fine-tuned models, and SMILE's upscaling of them into a sparse mixture of
+simple average, task arithmetic, TIES, DARE, the 2024–26 task-vector methods (TSV, Iso-C, Iso-CTS, MagMax,
+consensus/TALL, PCB, WUDI, task arithmetic + LiNeS), Fisher, RegMean, AdaMerging (task- and layer-wise) —
+and the output ensemble of the fine-tuned models, and SMILE's upscaling of them into a sparse mixture of
 low-rank experts (:mod:`fusion_engine.upscaling`; a bigger model, not a merge). Columns: test accuracy per
 task, their average, and the time the merge took (statistics, coefficient search and merging included).
-The scaling λ of task arithmetic, TIES and DARE, and SMILE's ranks, are chosen on a validation split, as
-FusionBench does.
+The scaling λ of task arithmetic, TIES, DARE and the 2024–26 methods (LiNeS: β), and SMILE's ranks, are
+chosen on a validation split, as FusionBench does; the 2024–26 methods' other hyper-parameters are the
+published defaults.
 
 Part 2, alignment: two MLPs trained from different seeds on the upright digits. Naive averaging sits
 on a loss barrier; weight matching (Git Re-Basin) and OT fusion align the hidden units first. The loss
@@ -35,6 +37,8 @@ from .. import ops
 from ..averaging import load_state, uniform_soup
 from ..connectivity import PathScan, fit_curve, interpolate, loss_barrier
 from ..ensemble import Ensemble
+from ..methods import merge_tensors
+from ..methods.lines import lines_scale
 from .digits import evaluate, make_mlp, train
 from .tasks import MultiTaskSetup, TaskConfig, build_tasks, make_tasks, train_multitask
 from .trajectory import TrajectoryConfig, trajectory_methods
@@ -48,9 +52,15 @@ class EvalConfig:
 
     tasks: TaskConfig = TaskConfig()
     trajectory: TrajectoryConfig = TrajectoryConfig()  # training-time averaging rows (LAWA, SWAG, ...)
-    lambda_grid: tuple[float, ...] = LAMBDA_GRID   # task arithmetic / TIES / DARE λ, chosen on validation
+    lambda_grid: tuple[float, ...] = LAMBDA_GRID   # λ of the task-vector merges (LiNeS: β), chosen on validation
     ties_density: float = 0.2
     dare_density: float = 0.5
+    iso_cts_fraction: float = 0.8                  # the 2024–26 task-vector methods, published defaults
+    consensus_k: int = 2
+    tall_lambda: float = 0.6
+    pcb_ratio: float = 0.1
+    wudi_iterations: int = 300
+    wudi_lr: float = 1e-5
     fisher_examples: int = 256                     # per task, from its training split
     gram_examples: int = 256                       # per task, from its training split (RegMean)
     adamerging_steps: int = 100
@@ -148,6 +158,19 @@ def _best_lambda(setup: MultiTaskSetup, merge_at: Callable[[float], dict], grid)
     return best[2], best[1]
 
 
+def _scaled(setup: MultiTaskSetup, unit: dict, scale: Callable[[str], float]) -> dict:
+    """b + scale(name) · (unit − b) per floating tensor: a merged task vector rescaled."""
+    base = setup.pretrained.state_dict()
+    return {n: b + scale(n) * (unit[n] - b) if b.is_floating_point() else b.clone() for n, b in base.items()}
+
+
+def _linear_depth(setup: MultiTaskSetup) -> tuple[dict[str, int], int]:
+    """Tensor name → index of its Linear layer in the MLP (0-based), and the number of Linear layers."""
+    linears = [name for name, module in setup.pretrained.named_modules() if isinstance(module, torch.nn.Linear)]
+    depth = {f"{name}.{p}": i for i, name in enumerate(linears) for p in ("weight", "bias")}
+    return depth, len(linears)
+
+
 def _task_batches(task, n: int, batch_size: int = 64):
     x, y = task.x_train[:n], task.y_train[:n]
     return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(y), batch_size)]
@@ -203,11 +226,41 @@ def merge_methods(setup: MultiTaskSetup, config: EvalConfig) -> dict[str, Callab
             return result.state_dict, "mean λ per task " + " ".join(f"{v:.2f}" for v in lam.tolist())
         return run
 
+    def task_vector_method(method: str, parameters: dict, note: str):
+        """A registered method merged once at λ = 1, then λ chosen on validation (a final scale)."""
+        def run():
+            unit = _per_tensor(setup, lambda name, b, xs: merge_tensors(
+                [b, *xs], method, base_index=0, name=name, parameters={**parameters, "lambda": 1.0}))
+            sd, lam = _best_lambda(setup, lambda lam: _scaled(setup, unit, lambda name: lam), config.lambda_grid)
+            return sd, (note + ", " if note else "") + f"λ={lam:g}"
+        return run
+
+    def ta_lines():
+        """Task arithmetic (Σ τ) with LiNeS: α = 1/K (the paper's norm-ratio rule for a sum), β on validation."""
+        depth, layers = _linear_depth(setup)
+        unit = _per_tensor(setup, lambda name, b, xs: ops.task_arithmetic(b, xs, lam=1.0))
+        alpha = 1.0 / K
+        sd, beta = _best_lambda(setup, lambda beta: _scaled(
+            setup, unit, lambda name: lines_scale(depth.get(name), layers, alpha, beta)), config.lambda_grid)
+        return sd, f"α=1/K={alpha:g}, β={beta:g}"
+
+    c = config
     return {
         "Simple average": simple_average,
         "Task arithmetic": task_arithmetic,
         "TIES": ties,
         "DARE": dare,
+        "TSV": task_vector_method("tsv", {}, ""),
+        "Iso-C": task_vector_method("iso_c", {}, ""),
+        "Iso-CTS": task_vector_method("iso_cts", {"common_space_fraction": c.iso_cts_fraction},
+                                      f"common_space_fraction={c.iso_cts_fraction:g}"),
+        "MagMax": task_vector_method("magmax", {}, ""),
+        "Consensus (TALL)": task_vector_method("consensus", {"k": c.consensus_k, "tall_lambda": c.tall_lambda},
+                                               f"k={c.consensus_k}, tall_lambda={c.tall_lambda:g}"),
+        "PCB": task_vector_method("pcb", {"ratio": c.pcb_ratio}, f"ratio={c.pcb_ratio:g}"),
+        "WUDI": task_vector_method("wudi", {"iterations": c.wudi_iterations, "lr": c.wudi_lr},
+                                   f"{c.wudi_iterations} Adam steps, lr={c.wudi_lr:g}"),
+        "Task arithmetic + LiNeS": ta_lines,
         "Fisher": fisher,
         "RegMean": regmean,
         "AdaMerging (task-wise)": adamerging("task"),
@@ -367,7 +420,7 @@ def render_markdown(report: Report, plot_name: str | None = "barrier.png") -> st
         f"({t.pretrain_epochs} epochs), "
         f"fine-tuned for {t.finetune_epochs} epochs on each task: {', '.join(report.task_names)} "
         f"(transformed 8×8 images, the same 10 labels). Test accuracy (%) per task; λ of task arithmetic, "
-        f"TIES and DARE chosen on a validation split from {len(c.lambda_grid)} values in "
+        f"TIES, DARE and the task-vector methods (LiNeS: β) chosen on a validation split from {len(c.lambda_grid)} values in "
         f"[{min(c.lambda_grid):g}, {max(c.lambda_grid):g}]; "
         f"AdaMerging: {c.adamerging_steps} Adam steps (lr {c.adamerging_lr:g}) of entropy minimisation on "
         f"unlabeled test inputs. Time: building the merge, statistics and λ search included.",

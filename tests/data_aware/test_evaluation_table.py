@@ -11,8 +11,9 @@ from fusion_engine.bench.tasks import TaskConfig, build_tasks
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-MERGES = ["Simple average", "Task arithmetic", "TIES", "DARE", "Fisher", "RegMean", "AdaMerging (task-wise)",
-          "AdaMerging (layer-wise)"]
+MERGES = ["Simple average", "Task arithmetic", "TIES", "DARE", "TSV", "Iso-C", "Iso-CTS", "MagMax",
+          "Consensus (TALL)", "PCB", "WUDI", "Task arithmetic + LiNeS", "Fisher", "RegMean",
+          "AdaMerging (task-wise)", "AdaMerging (layer-wise)"]
 TRAJECTORY = ["LAWA (multi-task run)", "SWAG (multi-task run)", "Lookahead (multi-task run)",
               "Snapshot ensemble (multi-task run)", "FGE (multi-task run)"]
 

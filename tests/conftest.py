@@ -92,6 +92,11 @@ SLOW_UNDER_TRITON_INTERPRETER = {"test_every_switch", "test_chunking", "test_mat
                                  "test_per_problem_convergence"}
 
 
+# tests/compat's ops-vs-mergekit / ops-vs-PEFT comparisons repeat, on the Triton interpreter, the cpp and
+# torch comparisons of a backend whose every op tests/ops checks against the reference: slow without a GPU
+OPS_VS_REFERENCE_FILES = ("test_ops_vs_mergekit.py", "test_ops_vs_peft.py")
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return
@@ -100,5 +105,6 @@ def pytest_collection_modifyitems(config, items):
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
         name, _, params = item.name.partition("[")
-        if name in SLOW_UNDER_TRITON_INTERPRETER and params.startswith("triton"):
+        if params.startswith("triton") and (name in SLOW_UNDER_TRITON_INTERPRETER
+                                            or item.path.name in OPS_VS_REFERENCE_FILES):
             item.add_marker(pytest.mark.slow)

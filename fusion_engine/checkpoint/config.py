@@ -337,8 +337,8 @@ def parse_config(text: str, filename: str = "config.yaml", base_dir: str = ".") 
         line = mark.line + 1 if mark is not None else None
         raise ConfigError(located(filename, line, f"not valid YAML: {exc.problem or exc}",
                                   "check the indentation and the ':' after each key")) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(located(filename, None, f"not valid YAML: {exc}")) from None
+    except yaml.YAMLError as exc:  # e.g. a character YAML does not allow (the message spans lines)
+        raise ConfigError(located(filename, None, f"not valid YAML: {' '.join(str(exc).split())}")) from None
     if root is None:
         raise ConfigError(located(filename, None, "the config is empty",
                                   "write at least merge_method and models (see mergekit's examples)"))

@@ -23,9 +23,9 @@ SCALARS = (st.none() | st.booleans() | st.integers(-3, 40) | st.integers(-(10**5
 VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
     st.sampled_from(["weight", "density", "t", "filter", "value", "model", "layer_range", "parameters",
                      "normalize", "x"]), inner, max_size=3), max_leaves=10)
-TEXT_EDITS = st.lists(st.tuples(st.integers(0, 10_000), st.sampled_from(
-    ["", ":", "- ", "  ", "\n", "[", "]", "{", "}", "&a ", "*a", "!!python/name:os.system ", "\t", "'", "\x00", "\x85"])),
-    max_size=3)
+INSERTS = ["", ":", "- ", "  ", "\n", "[", "]", "{", "}", "&a ", "*a", "!!python/name:os.system ", "\t", "'", "\x00",
+           "\x85"]
+TEXT_EDITS = st.lists(st.tuples(st.integers(0, 10_000), st.sampled_from(INSERTS)), max_size=3)
 
 
 def _valid_config(models: dict, base: str) -> dict:

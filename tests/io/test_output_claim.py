@@ -123,8 +123,9 @@ def _tree(root):
     (root / "tok" / "tokenizer.json").write_text("{}")
     (root / "config.yml").write_text("merge_method: linear")
     os.symlink(root / "model", root / "link")
-    return {"the input model 'm'": str(root / "model"), "the source of side file tokenizer.json":
-            str(root / "tok" / "tokenizer.json"), "the source of side file mergekit_config.yml": str(root / "config.yml")}
+    return {"the input model 'm'": str(root / "model"),
+            "the source of side file tokenizer.json": str(root / "tok" / "tokenizer.json"),
+            "the source of side file mergekit_config.yml": str(root / "config.yml")}
 
 
 @pytest.mark.parametrize("out, relation", [

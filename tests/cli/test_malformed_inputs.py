@@ -14,8 +14,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cli_fixtures import run_cli, scratch, tiny_llamas
-from test_reliability import time_bound, tree
+from cli_fixtures import run_cli, scratch, time_bound, tiny_llamas, tree
 
 SCALARS = (st.none() | st.booleans() | st.integers(-3, 40) | st.integers(-(10**500), 10**500)
            | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12)

@@ -3,10 +3,8 @@ hang, exit 2 with the file named for every bad input; one regression test per cl
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -18,33 +16,7 @@ from fusion_engine import merge_tensors
 from fusion_engine.checkpoint.planner import ties_word_embeddings
 from fusion_engine.errors import ConfigError
 
-from cli_fixtures import load_dir, run_cli, scratch, tiny_llamas, write
-
-
-@contextlib.contextmanager
-def time_bound(seconds: int):
-    """Fail (instead of hanging the suite) when the block runs past ``seconds``."""
-    def on_alarm(*_):
-        raise TimeoutError(f"still running after {seconds} s: a hang")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def tree(folder: str) -> dict[str, bytes]:
-    """Every file under ``folder`` (path -> bytes): inputs must come out of any run unchanged."""
-    out = {}
-    for root, _, files in os.walk(folder):
-        for f in files:
-            path = os.path.join(root, f)
-            with open(path, "rb") as fh:
-                out[os.path.relpath(path, folder)] = fh.read()
-    return out
+from cli_fixtures import load_dir, run_cli, scratch, time_bound, tiny_llamas, tree, write
 
 
 def merge_expecting_error(capsys, config_text: str, *needles: str, config_name: str = "config.yaml",

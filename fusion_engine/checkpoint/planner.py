@@ -51,6 +51,7 @@ LAYER_RE = re.compile(r"^(?P<prefix>(?:.*?\.)?(?:layers|h|blocks|layer|block)\.)
 PRE_HINTS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings")
 INPUT_EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight", "model.decoder.embed_tokens.weight",
                     "gpt_neox.embed_in.weight", "transformer.word_embeddings.weight")
+OTHER_HEADS = ("embed_out.weight", "output.weight")  # output heads not named lm_head (GPT-NeoX, InternLM2)
 NUM_LAYERS_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
 # --------------------------------------------------------------------------- checkpoint layout
@@ -330,7 +331,9 @@ class Planner:
         if not any(n.endswith("lm_head.weight") for n in post):  # no head anywhere: each causal LM must tie it
             for src in last.sources:
                 archs = (self.checkpoints[src.model].config() or {}).get("architectures")
-                if isinstance(archs, list) and any(str(a).endswith("ForCausalLM") for a in archs):
+                if (isinstance(archs, list) and any(str(a).endswith("ForCausalLM") for a in archs)
+                        and not any(n.endswith(OTHER_HEADS) for n in self.layouts[src.model].pre
+                                    + self.layouts[src.model].post)):
                     self._input_name(src.model, "lm_head.weight", "lm_head.weight", src.line)
         for name in post:
             tasks.append(self._task(name, last, [name] * len(last.sources), t=0.0))

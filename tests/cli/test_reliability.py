@@ -260,3 +260,24 @@ def test_concurrent_merge_processes_into_one_folder_exactly_one_wins():
     codes = [p.wait(300) for p in procs]
     errors = [line for p in procs for line in p.stderr.read().splitlines()]
     _assert_one_winner(folder, out, codes, errors, inputs, m)
+
+
+def test_a_head_under_another_name_is_not_missing(capsys):
+    """GPT-NeoX (Pythia) keeps its untied head as embed_out.weight: no lm_head.weight is expected."""
+    folder = scratch("neox")
+    g = torch.Generator().manual_seed(0)
+    models = []
+    for name in ("a", "b"):
+        path = os.path.join(folder, name)
+        os.makedirs(path)
+        save_file({"gpt_neox.embed_in.weight": torch.randn(8, 4, generator=g),
+                   "gpt_neox.layers.0.mlp.dense_h_to_4h.weight": torch.randn(4, 4, generator=g),
+                   "gpt_neox.final_layer_norm.weight": torch.ones(4),
+                   "embed_out.weight": torch.randn(8, 4, generator=g)},
+                  os.path.join(path, "model.safetensors"))
+        write(path, "config.json", '{"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", '
+                                   '"tie_word_embeddings": false, "num_hidden_layers": 1}')
+        models.append(path)
+    config = write(folder, "c.yaml", linear(*models))
+    assert run_cli("merge", config, os.path.join(folder, "out"), "--quiet") == 0, capsys.readouterr().err
+    assert "embed_out.weight" in load_dir(os.path.join(folder, "out"))

@@ -1,5 +1,8 @@
 """Writes the seed corpus of the safetensors fuzzer (fuzz/corpus/): small valid files of every
-dtype and feature, and malformed ones next to each check of the reader. Standard library only
+dtype and feature, and malformed ones next to each check of the reader. The corpus is also the
+shared list of verdicts of the two readers: tests run every file through the C reader
+(tests/test_c_api.py) and the Python one (tests/io/test_safetensors_reader.py) and expect `valid_*`
+and `package_*` files to open and `bad_*` files to be rejected by both. Standard library only
 (plus files written by the `safetensors` package itself when it is importable).
 
     python fuzz/make_corpus.py            # rewrites fuzz/corpus/
@@ -51,6 +54,9 @@ def valid() -> dict[str, bytes]:
         "unpadded": build({"w": ("F32", [1])}, pad=False),
         "whitespace": raw(b' { "w" : { "dtype" : "U8" , "shape" : [ 2 ] , "data_offsets" : [ 0 , 2 ] } } '[1:], b"ab"),
         "escapes": raw(rb'{"a\"b\\c\/d\u00e9\ud83d\ude00":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}', b"x"),
+        "empty_tensors_one_offset": build({"a": ("F32", [0]), "b": ("U8", [3, 0])}),
+        "largest_dim": raw(b'{"z":{"dtype":"U8","shape":[0,9223372036854775807],"data_offsets":[0,0]}}'),
+        "padding_newlines": raw(b'{"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}\n\r\t ', b"x"),
         "lora": build({"base_model.model.q.lora_A.weight": ("F32", [2, 4]),
                        "base_model.model.q.lora_B.weight": ("F32", [4, 2])}, {"format": "pt"}),
     }
@@ -86,6 +92,39 @@ def malformed() -> dict[str, bytes]:
         "nul_escape": raw(rb'{"t\u0000":{}}'),
         "unterminated": raw(b'{"t'),
         "rank9": raw(b'{"t":{"dtype":"U8","shape":[1,1,1,1,1,1,1,1,1],"data_offsets":[0,1]}}', b"x"),
+        # the same rules, one class of input each (both readers must reject all of them)
+        "empty_header": raw(b""),
+        "leading_space": raw(b" {}"),
+        "bom": raw(b"\xef\xbb\xbf{}"),
+        "trailing_nul": raw(b"{}\x00"),
+        "tensor_null": raw(b'{"t":null}'),
+        "metadata_null": raw(b'{"__metadata__":null}'),
+        "metadata_list": raw(b'{"__metadata__":[]}'),
+        "metadata_key_twice": raw(b'{"__metadata__":{"k":"a","k":"b"}}'),
+        "metadata_twice": raw(b'{"__metadata__":{},"__metadata__":{}}'),
+        "metadata_nul_value": raw(rb'{"__metadata__":{"k":"a\u0000"}}'),
+        "metadata_surrogate": raw(rb'{"__metadata__":{"k":"\udc00"}}'),
+        "field_twice": raw(b'{"t":{"dtype":"U8","dtype":"U8","shape":[1],"data_offsets":[0,1]}}', b"x"),
+        "literal_dim": raw(b'{"t":{"dtype":"U8","shape":[true],"data_offsets":[0,1]}}', b"x"),
+        "nan_dim": raw(b'{"t":{"dtype":"U8","shape":[NaN],"data_offsets":[0,1]}}', b"x"),
+        "negative_zero": raw(b'{"t":{"dtype":"U8","shape":[-0],"data_offsets":[0,0]}}'),
+        "exponent": raw(b'{"t":{"dtype":"U8","shape":[1],"data_offsets":[0,1e0]}}', b"x"),
+        "leading_zero": raw(b'{"t":{"dtype":"U8","shape":[1],"data_offsets":[0,01]}}', b"x"),
+        "offset_2_63": raw(b'{"t":{"dtype":"U8","shape":[0],"data_offsets":[9223372036854775808,'
+                           b'9223372036854775808]}}'),
+        "shape_object": raw(b'{"t":{"dtype":"U8","shape":{},"data_offsets":[0,1]}}', b"x"),
+        "three_offsets": raw(b'{"t":{"dtype":"U8","shape":[1],"data_offsets":[0,1,1]}}', b"x"),
+        "end_before_begin": raw(b'{"t":{"dtype":"U8","shape":[0],"data_offsets":[1,0]}}', b"x"),
+        "lowercase_dtype": raw(b'{"t":{"dtype":"u8","shape":[1],"data_offsets":[0,1]}}', b"x"),
+        "empty_inside_other": raw(b'{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},'
+                                  b'"b":{"dtype":"U8","shape":[0],"data_offsets":[2,2]}}', bytes(4)),
+        "gap_at_start": raw(b'{"t":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}', bytes(2)),
+        "high_surrogate_alone": raw(rb'{"t\ud800x":{}}'),
+        "raw_control_char": raw(b'{"t\x01":{}}'),
+        "overlong_utf8": raw(b'{"t\xc0\xaf":{}}'),
+        "encoded_surrogate": raw(b'{"t\xed\xa0\x80":{}}'),
+        "deep_nesting": raw(b'{"t":' + b"[" * 5000 + b"]" * 5000 + b"}"),
+        "deep_metadata": raw(b'{"__metadata__":' + b'{"k":' * 5000 + b'"v"' + b"}" * 5000 + b"}"),
     }
 
 

@@ -21,10 +21,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fusion_engine import backends
+from fusion_engine.errors import CheckpointError
+from fusion_engine.io import parse_header
 from fusion_engine.ops import dare_merge, fisher_merge, linear_merge, magnitude_mask, stream_id, task_arithmetic, ties_merge
-from utils import assert_verbose_allclose, max_abs, tolerance
+from utils import SAFETENSORS_CORPUS, assert_verbose_allclose, corpus_case, max_abs, tolerance
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_DIMS = 8
@@ -122,6 +126,7 @@ SIGNATURES = {
     "fe_dare_merge": (C.c_int, [VP, VP, C.c_int32, C.POINTER(DareParams), VP]),
     "fe_fisher_merge": (C.c_int, [VP, VP, C.c_int32, C.POINTER(FisherParams), VP]),
     "fe_st_open": (C.c_int, [C.c_char_p, C.POINTER(C.c_void_p)]),
+    "fe_st_open_memory": (C.c_int, [C.c_void_p, C.c_size_t, C.POINTER(C.c_void_p)]),
     "fe_st_close": (None, [C.c_void_p]),
     "fe_st_tensor_count": (C.c_int64, [C.c_void_p]),
     "fe_st_tensor_name": (C.c_char_p, [C.c_void_p, C.c_int64]),
@@ -431,6 +436,44 @@ def test_safetensors_round_trip(lib, tmp_path):
     bad.write_bytes(theirs.read_bytes()[:-1])
     expect_error(lib, lib.fe_st_open(str(bad).encode(), C.byref(handle)), FE_ERR_FORMAT, "data section")
     expect_error(lib, lib.fe_st_open(str(tmp_path / "nope").encode(), C.byref(handle)), FE_ERR_IO, "No such file")
+
+
+@pytest.mark.parametrize("path, opens", [corpus_case(p) for p in SAFETENSORS_CORPUS])
+def test_corpus_verdicts_are_the_python_readers(lib, path, opens):
+    """One list of cases for both readers (fuzz/corpus; the Python side runs in tests/io)."""
+    handle = C.c_void_p()
+    status = lib.fe_st_open(str(path).encode(), C.byref(handle))
+    lib.fe_st_close(handle if status == FE_OK else None)
+    assert status == (FE_OK if opens else FE_ERR_FORMAT), lib.fe_last_error().decode()
+
+
+def _python_opens(path: Path) -> bool:
+    try:
+        parse_header(str(path))
+    except CheckpointError:
+        return False
+    return True
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.sampled_from(SAFETENSORS_CORPUS), edits=st.lists(st.tuples(st.integers(0, 199), st.integers(0, 255)),
+                                                                max_size=4),
+       cut=st.one_of(st.none(), st.integers(0, 300)), tail=st.binary(max_size=6))
+def test_mutated_corpus_files_get_one_verdict_from_both_readers(lib, tmp_path, seed, edits, cut, tail):
+    """Byte edits, truncation and appended bytes on corpus files: the C and the Python reader agree."""
+    raw = bytearray(seed.read_bytes()[:20_000])
+    for i, b in edits:
+        if i < len(raw):
+            raw[i] = b
+    raw = bytes(raw[:cut] if cut is not None else raw) + tail
+    path = tmp_path / "mutant.safetensors"
+    path.write_bytes(raw)
+    handle = C.c_void_p()
+    status = lib.fe_st_open_memory(raw, len(raw), C.byref(handle))
+    lib.fe_st_close(handle if status == FE_OK else None)
+    assert status in (FE_OK, FE_ERR_FORMAT), lib.fe_last_error().decode()
+    c_message = lib.fe_last_error().decode() if status != FE_OK else ""
+    assert _python_opens(path) == (status == FE_OK), f"C says {c_message or 'ok'} for {raw[:300]!r}"
 
 
 # ----------------------------------------------------------------------------------------------

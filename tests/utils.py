@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import pytest
@@ -395,3 +396,15 @@ def draw_task_merge(data, backend: str, switches: dict | None = None):
         kw = data.draw(st.fixed_dictionaries({name: st.sampled_from(values) for name, values in switches.items()}))
         kw["lam"] = data.draw(st.one_of(st.just(1.0), dyadic, st.floats(-2.0, 2.0)))
     return inputs, weights, density, kw
+
+
+# ----------------------------------------------------------------------------------------------
+# the safetensors corpus shared by the C and the Python reader
+
+SAFETENSORS_CORPUS = sorted((Path(__file__).resolve().parents[1] / "fuzz" / "corpus").glob("*.safetensors"))
+
+
+def corpus_case(path: Path):
+    """A ``pytest.param`` of one corpus file with the verdict both readers must give: True (opens) for
+    ``valid_*`` and ``package_*`` files, False (rejected as malformed) for ``bad_*`` ones."""
+    return pytest.param(path, not path.name.startswith("bad_"), id=path.stem)

@@ -39,7 +39,8 @@ from typing import Any
 import torch
 import yaml
 
-from ..errors import ConfigError
+from ..errors import ConfigError, brief_repr
+from ..io.files import open_input
 
 DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -56,6 +57,8 @@ UNSUPPORTED_KEYS = {
 }
 
 Scalar = bool | int | float | str
+MAX_YAML_DEPTH = 64  # nesting levels of mappings and lists
+MAX_YAML_NODES = 100_000  # values in the document with every alias expanded (an alias bomb has billions)
 
 
 @dataclass
@@ -149,11 +152,55 @@ class MergeConfig:
 
 
 def located(filename: str, line: int | None, problem: str, fix: str | None = None) -> str:
+    """``file line N: problem (fix: ...)``; a problem or fix past 2000 characters (a huge value quoted
+    whole) is shortened."""
     where = f"{filename} line {line}" if line else filename
+    problem, fix = (t if t is None or len(t) <= 2000 else t[:1997] + "..." for t in (problem, fix))
     return f"{where}: {problem}" + (f" (fix: {fix})" if fix else "")
 
 
 # --------------------------------------------------------------------------- YAML nodes with lines
+
+
+class _TooLarge(yaml.MarkedYAMLError):
+    """The document nests too deeply or expands (through aliases) to too many values."""
+
+
+class BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (what mergekit reads configs with: anchors, aliases and ``<<`` merges are legal)
+    that refuses, while composing and in time linear in the text, a document nested more than
+    :data:`MAX_YAML_DEPTH` levels, a recursive alias, or one that holds more than :data:`MAX_YAML_NODES`
+    values once every alias is expanded (the "billion laughs" bomb): whatever later walks or prints the
+    values stays bounded."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+        self._expanded: dict[int, int] = {}  # id(node) -> values under it, aliases expanded
+
+    def compose_node(self, parent, index):
+        mark = self.peek_event().start_mark
+        if self.check_event(yaml.AliasEvent):
+            node = super().compose_node(parent, index)
+            if id(node) not in self._expanded:
+                raise _TooLarge(None, None, "an alias refers to the value that contains it (a recursive alias)",
+                                mark)
+            return node
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise _TooLarge(None, None, f"the config nests more than {MAX_YAML_DEPTH} levels deep", mark)
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else
+                    node.value if isinstance(node, yaml.SequenceNode) else [])
+        size = 1 + sum(self._expanded[id(child)] for child in children)
+        if size > MAX_YAML_NODES:
+            raise _TooLarge(None, None, f"the config holds more than {MAX_YAML_NODES} values once its aliases "
+                                        "(*name) are expanded", mark)
+        self._expanded[id(node)] = size
+        return node
 
 
 class _Doc:
@@ -167,7 +214,12 @@ class _Doc:
         return ConfigError(located(self.filename, line_of(node), problem, fix))
 
     def value(self, node: yaml.Node) -> Any:
-        return self._constructor.construct_object(node, deep=True)
+        try:
+            return self._constructor.construct_object(node, deep=True)
+        except yaml.constructor.ConstructorError as exc:  # e.g. a !!python/... tag
+            raise self.error(node, f"unreadable value: {exc.problem}", "write plain values (no !! tags)") from None
+        except ValueError as exc:  # an integer past Python's digit limit
+            raise self.error(node, f"unreadable value {describe(node)}: {exc}") from None
 
     def mapping(self, node: yaml.Node, what: str, allowed: tuple[str, ...] | None = None,
                 required: tuple[str, ...] = ()) -> dict[str, tuple[yaml.Node, yaml.Node]]:
@@ -178,16 +230,16 @@ class _Doc:
         for key_node, value_node in node.value:
             key = self.value(key_node)
             if not isinstance(key, str):
-                raise self.error(key_node, f"{what}: keys must be names, got {key!r}")
+                raise self.error(key_node, f"{what}: keys must be names, got {brief_repr(key)}")
             if key in out:
-                raise self.error(key_node, f"{what}: key '{key}' appears twice (first on line "
+                raise self.error(key_node, f"{what}: key {brief_repr(key)} appears twice (first on line "
                                            f"{line_of(out[key][0])})", "keep one of them")
             if allowed is not None and key not in allowed:
                 if key in UNSUPPORTED_KEYS:
                     raise self.error(key_node, f"'{key}' is not supported by fusion_engine",
                                      UNSUPPORTED_KEYS[key])
-                raise self.error(key_node, f"unknown key '{key}' in {what}",
-                                 suggest(key, allowed, "allowed keys"))
+                raise self.error(key_node, f"unknown key {brief_repr(key)} in {what}",
+                                 suggest(key[:100], allowed, "allowed keys"))
             out[key] = (key_node, value_node)
         for key in required:
             if key not in out:
@@ -233,7 +285,7 @@ def describe(node: yaml.Node) -> str:
         return "a list"
     if node.tag == "tag:yaml.org,2002:null":
         return "nothing"
-    return repr(node.value)
+    return brief_repr(node.value)
 
 
 def suggest(word: str, choices, what: str) -> str:
@@ -249,11 +301,13 @@ def suggest(word: str, choices, what: str) -> str:
 def read_config_file(path: str) -> str:
     """The text of a config file, or a ConfigError saying why it cannot be read."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open_input(path, "r", encoding="utf-8") as f:
             return f.read()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file (fix: check the path)") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: cannot read the config: {exc}") from None
 
 
@@ -274,14 +328,18 @@ def parse_config(text: str, filename: str = "config.yaml", base_dir: str = ".") 
     """
     doc = _Doc(filename)
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=BoundedLoader)
+    except _TooLarge as exc:
+        raise ConfigError(located(filename, exc.problem_mark.line + 1, exc.problem,
+                                  "write the values out plainly: mergekit configs need neither deep nesting "
+                                  "nor large alias expansions")) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
         raise ConfigError(located(filename, line, f"not valid YAML: {exc.problem or exc}",
                                   "check the indentation and the ':' after each key")) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(located(filename, None, f"not valid YAML: {exc}")) from None
+    except yaml.YAMLError as exc:  # e.g. a character YAML does not allow (the message spans lines)
+        raise ConfigError(located(filename, None, f"not valid YAML: {' '.join(str(exc).split())}")) from None
     if root is None:
         raise ConfigError(located(filename, None, "the config is empty",
                                   "write at least merge_method and models (see mergekit's examples)"))
@@ -367,7 +425,7 @@ def _layer_range(doc: _Doc, node: yaml.Node) -> tuple[int, int]:
     value = doc.value(node)
     if (not isinstance(value, list) or len(value) != 2
             or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
-        raise doc.error(node, f"layer_range must be two integers [start, end), got {value!r}",
+        raise doc.error(node, f"layer_range must be two integers [start, end), got {brief_repr(value)}",
                         "write e.g. layer_range: [0, 16]")
     start, end = value
     if start < 0 or end <= start:
@@ -400,7 +458,10 @@ def _scalar_or_gradient(doc: _Doc, node: yaml.Node, name: str) -> Scalar | list[
         if value is None:
             raise doc.error(node, f"parameter '{name}' has no value", f"write e.g. {name}: 0.5, or remove it")
         if not isinstance(value, (bool, int, float, str)):
-            raise doc.error(node, f"parameter '{name}' must be a number, boolean or string, got {value!r}")
+            raise doc.error(node, f"parameter '{name}' must be a number, boolean or string, got {brief_repr(value)}")
+        if isinstance(value, int) and not _fits_a_float(value):  # no merge can compute with it
+            raise doc.error(node, f"parameter '{name}' = {brief_repr(value)} is too large a number",
+                            "write a number of ordinary size, e.g. 0.5")
         return value
     if isinstance(node, yaml.SequenceNode):
         values = [_scalar_or_gradient(doc, n, name) for n in node.value]
@@ -412,6 +473,14 @@ def _scalar_or_gradient(doc: _Doc, node: yaml.Node, name: str) -> Scalar | list[
         return values
     raise doc.error(node, f"parameter '{name}' must be a value, a gradient list or filter entries, "
                           f"got {describe(node)}", f"write e.g. {name}: 0.5")
+
+
+def _fits_a_float(value: int) -> bool:
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
 
 
 def _setting_value(doc: _Doc, node: yaml.Node, name: str):

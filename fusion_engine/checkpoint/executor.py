@@ -31,8 +31,9 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import CheckpointError, ShapeMismatchError
-from ..io.atomic import atomic_output_dir, commit_temp_dir, discard_temp_dir, make_temp_dir
+from ..io.atomic import atomic_output_dir, check_output_not_input, commit_temp_dir, discard_temp_dir, make_temp_dir
 from ..io.checkpoint import Checkpoints
+from ..io.files import open_input
 from ..io.writer import (DEFAULT_MAX_SHARD_BYTES, SAFETENSORS_INDEX, ShardedWriter, ShardLayout, parse_size,
                          plan_shards, write_file_synced)
 from ..methods.api import merge_bound, merge_tensors
@@ -222,12 +223,9 @@ class _Progress:
 
 
 def _check_output_not_input(out_dir: str, plan: MergePlan) -> None:
-    out_real = os.path.realpath(out_dir)
-    for key, path in plan.models.items():
-        model_real = os.path.realpath(path)
-        if model_real == out_real or model_real.startswith(out_real.rstrip(os.sep) + os.sep):
-            raise CheckpointError(f"output folder {out_dir} is or contains the input model {key!r} ({path}); "
-                                  f"choose another output folder (inputs are never modified)")
+    inputs = {f"the input model {key!r}": path for key, path in plan.models.items()}
+    inputs.update({f"the source of side file {name}": path for name, path in plan.extra_files.items()})
+    check_output_not_input(out_dir, inputs)
 
 
 def write_side_files(plan: MergePlan, ckpts: dict, out_dir: str) -> list[str]:
@@ -246,13 +244,17 @@ def write_side_files(plan: MergePlan, ckpts: dict, out_dir: str) -> list[str]:
     for out_name, src in sources.items():
         if os.path.isabs(out_name) or os.path.normpath(out_name).startswith(".."):
             raise CheckpointError(f"side file name {out_name!r} must be a path inside the output folder")
-        if not os.path.isfile(src):
+        if not os.path.lexists(src):
             raise CheckpointError(f"side file {src} (for {out_name}) does not exist")
         dest = os.path.join(out_dir, out_name)
         os.makedirs(os.path.dirname(dest), exist_ok=True)
-        shutil.copyfile(src, dest)
-        with open(dest, "rb+") as fh:
-            os.fsync(fh.fileno())
+        try:
+            with open_input(src) as fin, open(dest, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+                fout.flush()
+                os.fsync(fout.fileno())
+        except OSError as exc:
+            raise CheckpointError(f"side file {src} (for {out_name}): cannot copy ({exc.strerror or exc})") from None
         written.append(out_name)
     return written
 

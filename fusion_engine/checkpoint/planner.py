@@ -26,7 +26,9 @@ Layout, as mergekit plans it:
   position ``t`` is ``(1 - f)·v(i) + f·v(i+1)`` with ``s = t·(m-1)``, ``i = ⌊s⌋``, ``f = s - i``
   (mergekit's rule; a list of strings or booleans picks ``v(⌊t·(m-1)⌋)``).
 * A model without ``lm_head.weight`` whose config ties it to the input embedding contributes its
-  embedding matrix instead (tied embeddings).
+  embedding matrix instead (tied embeddings): ``tie_word_embeddings`` of its ``config.json`` when
+  present, else the default of its architecture's config class in transformers (``model_type``); a
+  model with no config, an unknown architecture or untied embeddings lacks the head (an error).
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ from typing import Any
 import torch
 
 from .. import methods as _methods
-from ..errors import CheckpointError, ConfigError, FusionEngineError, MissingTensorError, ShapeMismatchError
+from ..errors import (CheckpointError, ConfigError, FusionEngineError, MissingTensorError, ShapeMismatchError,
+                      brief_repr)
 from ..io import Checkpoints
 from .config import Conditional, MergeConfig, Scalar, Setting, SliceSource, located, suggest
 from .plan import SIDE_FILES, MergePlan, TensorRef, TensorTask
@@ -48,6 +51,7 @@ LAYER_RE = re.compile(r"^(?P<prefix>(?:.*?\.)?(?:layers|h|blocks|layer|block)\.)
 PRE_HINTS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings")
 INPUT_EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight", "model.decoder.embed_tokens.weight",
                     "gpt_neox.embed_in.weight", "transformer.word_embeddings.weight")
+OTHER_HEADS = ("embed_out.weight", "output.weight")  # output heads not named lm_head (GPT-NeoX, InternLM2)
 NUM_LAYERS_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
 # --------------------------------------------------------------------------- checkpoint layout
@@ -114,6 +118,28 @@ def tied_source(name: str, ckpt_names: set[str]) -> str | None:
         if candidate in ckpt_names:
             return candidate
     return None
+
+
+def ties_word_embeddings(config: dict | None) -> bool:
+    """Whether a model's ``config.json`` ties ``lm_head`` to the input embedding, as transformers reads it:
+    ``tie_word_embeddings`` (top level, else in ``text_config``), else the default of the config class of
+    its ``model_type`` (True for GPT-2 or Gemma, False for Llama, Mistral or Qwen2). Unknown: False."""
+    if not config:
+        return False
+    for level in (config, config.get("text_config")):
+        if isinstance(level, dict) and isinstance(level.get("tie_word_embeddings"), bool):
+            return level["tie_word_embeddings"]
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str):
+        return False
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        return False
+    try:
+        return getattr(CONFIG_MAPPING[model_type](), "tie_word_embeddings", False) is True
+    except Exception:  # noqa: BLE001 - a config class that cannot be built with its defaults: unknown
+        return False
 
 
 # --------------------------------------------------------------------------- parameter values per tensor
@@ -232,9 +258,9 @@ class Planner:
             for key in ("model_type", "architectures"):
                 if key in cfg and key in ref_cfg and cfg[key] != ref_cfg[key]:
                     raise ConfigError(self._where(self.config.model_line(model),
-                                                  f"model '{model}' has {key} {cfg[key]!r} but '{ref}' has "
-                                                  f"{ref_cfg[key]!r}; models of different architectures cannot "
-                                                  "be merged tensor by tensor",
+                                                  f"model '{model}' has {key} {brief_repr(cfg[key])} but '{ref}' "
+                                                  f"has {brief_repr(ref_cfg[key])}; models of different "
+                                                  "architectures cannot be merged tensor by tensor",
                                                   "merge models fine-tuned from the same base architecture"))
 
     # ------------------------------------------------------------------ groups
@@ -308,6 +334,13 @@ class Planner:
         post = list(ref.post)
         for model in dict.fromkeys(s.model for s in last.sources):  # a head the reference ties but another model has
             post += [n for n in self.layouts[model].post if n not in post and n.endswith("lm_head.weight")]
+        if not any(n.endswith("lm_head.weight") for n in post):  # no head anywhere: each causal LM must tie it
+            for src in last.sources:
+                archs = (self.checkpoints[src.model].config() or {}).get("architectures")
+                if (isinstance(archs, list) and any(str(a).endswith("ForCausalLM") for a in archs)
+                        and not any(n.endswith(OTHER_HEADS) for n in self.layouts[src.model].pre
+                                    + self.layouts[src.model].post)):
+                    self._input_name(src.model, "lm_head.weight", "lm_head.weight", src.line)
         for name in post:
             tasks.append(self._task(name, last, [name] * len(last.sources), t=0.0))
         if cfg.lines_scaling is not None:
@@ -351,6 +384,12 @@ class Planner:
         names = self.names[model]
         if name not in names:
             tied = tied_source(name, names)
+            if tied is not None and not ties_word_embeddings(self.checkpoints[model].config()):
+                raise MissingTensorError(self._where(line, f"model '{model}' has no tensor '{name}' and its "
+                                                           "config.json does not tie it to the input embedding "
+                                                           f"'{tied}' (tie_word_embeddings is false or absent)",
+                                                     "use a complete checkpoint; if the model does tie them, set "
+                                                     "\"tie_word_embeddings\": true in its config.json"))
             if tied is None:
                 raise MissingTensorError(self._where(line, f"model '{model}' has no tensor '{name}' (needed for "
                                                            f"output tensor '{out_name}')",
@@ -505,7 +544,7 @@ class Planner:
         files = {}
         if folder and os.path.isdir(folder):
             for name in SIDE_FILES:
-                if os.path.isfile(os.path.join(folder, name)):
+                if os.path.lexists(os.path.join(folder, name)):
                     files[name] = os.path.abspath(os.path.join(folder, name))
         if source not in (None, "base") and not any(n.startswith("tokenizer") for n in files):
             raise ConfigError(self._where(self.config.line_of("tokenizer_source"),

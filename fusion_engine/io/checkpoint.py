@@ -16,11 +16,11 @@ Names, shapes and dtypes come from headers only; no tensor data is read until :m
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import torch
 
 from ..errors import CheckpointError, MissingTensorError
+from .files import open_input, read_json_object
 from .safetensors_reader import SafetensorsFile, TensorInfo
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -95,13 +95,9 @@ class Checkpoint:
         if self._config_dir is None:
             return None
         path = os.path.join(self._config_dir, "config.json")
-        if not os.path.isfile(path):
+        if not os.path.lexists(path):
             return None
-        try:
-            with open(path, encoding="utf-8") as fh:
-                return json.load(fh)
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{path}: not readable JSON ({exc})") from None
+        return read_json_object(path, "the model config")
 
     @property
     def directory(self) -> str | None:
@@ -146,12 +142,15 @@ class Checkpoint:
 
 def _load_bin(file: str) -> dict[str, torch.Tensor]:
     try:
-        try:
-            obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:  # legacy (non-zip) format cannot be mapped
-            if "mmap" not in str(exc):
-                raise
-            obj = torch.load(file, map_location="cpu", weights_only=True)
+        with open_input(file):  # a regular file: torch.load must not block on a pipe
+            try:
+                obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:  # legacy (non-zip) format cannot be mapped
+                if "mmap" not in str(exc):
+                    raise
+                obj = torch.load(file, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise CheckpointError(f"{file}: cannot open ({exc.strerror or exc})") from None
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad checkpoint
         raise CheckpointError(f"{file}: cannot load as a PyTorch weights file ({exc})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
@@ -162,12 +161,7 @@ def _load_bin(file: str) -> dict[str, torch.Tensor]:
 
 
 def _weight_map_from_index(index_path: str) -> dict[str, str]:
-    try:
-        with open(index_path, encoding="utf-8") as fh:
-            index = json.load(fh)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{index_path}: not readable JSON ({exc})") from None
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    weight_map = read_json_object(index_path, "the shard index").get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                    for k, v in weight_map.items()):
         raise CheckpointError(f"{index_path}: missing or malformed 'weight_map' (name -> shard file)")
@@ -177,7 +171,7 @@ def _weight_map_from_index(index_path: str) -> dict[str, str]:
         if os.path.isabs(shard) or os.path.normpath(shard).startswith(".."):
             raise CheckpointError(f"{index_path}: shard path {shard!r} of {name!r} leaves the checkpoint folder")
         full = os.path.join(folder, shard)
-        if not os.path.isfile(full):
+        if not os.path.lexists(full):
             raise CheckpointError(f"{index_path}: shard {shard!r} (holding {name!r}) does not exist")
         files[name] = full
     return files
@@ -208,16 +202,16 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"{path}: no such file or directory (give a local checkpoint folder or file)")
     if os.path.isdir(path):
         folder = path
-        if os.path.isfile(os.path.join(folder, SAFETENSORS_INDEX)):
+        if os.path.lexists(os.path.join(folder, SAFETENSORS_INDEX)):
             files = _weight_map_from_index(os.path.join(folder, SAFETENSORS_INDEX))
-        elif os.path.isfile(os.path.join(folder, SAFETENSORS_SINGLE)):
+        elif os.path.lexists(os.path.join(folder, SAFETENSORS_SINGLE)):
             return _union_of_safetensors([os.path.join(folder, SAFETENSORS_SINGLE)], path, folder)
         elif any(n.endswith(".safetensors") for n in os.listdir(folder)):
             shards = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".safetensors"))
             return _union_of_safetensors(shards, path, folder)
-        elif os.path.isfile(os.path.join(folder, BIN_INDEX)):
+        elif os.path.lexists(os.path.join(folder, BIN_INDEX)):
             files = _weight_map_from_index(os.path.join(folder, BIN_INDEX))
-        elif os.path.isfile(os.path.join(folder, BIN_SINGLE)):
+        elif os.path.lexists(os.path.join(folder, BIN_SINGLE)):
             return _open_bin_file(path, os.path.join(folder, BIN_SINGLE), folder)
         else:
             raise CheckpointError(f"{path}: no weights found (expected {SAFETENSORS_INDEX}, {SAFETENSORS_SINGLE}, "

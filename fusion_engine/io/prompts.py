@@ -14,6 +14,7 @@ import os
 import torch
 
 from ..errors import CheckpointError, ConfigError
+from .files import open_input
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 TENSOR_SUFFIXES = (".safetensors", ".pt")
@@ -25,7 +26,7 @@ def read_prompts(path: str, limit: int | None = None) -> list[str]:
         raise ConfigError(f"{path}: no such file (a .txt with one prompt per line, or .jsonl with a 'text' or "
                           f"'prompt' field)")
     prompts: list[str] = []
-    with open(path, encoding="utf-8") as f:
+    with open_input(path, "r", encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             line = line.strip()
             if not line:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import CheckpointError, DTypeMismatchError, ShapeMismatchError
+from ..errors import CheckpointError, DTypeMismatchError, ShapeMismatchError, brief_repr
 from .checkpoint import SAFETENSORS_INDEX, SAFETENSORS_SINGLE
 from .safetensors_reader import DTYPE_CODES
 
@@ -47,10 +47,11 @@ def parse_size(text: str | int) -> int:
                 break
         try:
             size = int(float(s) * factor)
-        except ValueError:
-            raise CheckpointError(f"shard size {text!r} is not a size (examples: 5GB, 500MB, 2GiB)") from None
+        except (ValueError, OverflowError):  # not a number, nan, inf, 1e400
+            raise CheckpointError(f"shard size {brief_repr(text)} is not a finite size (examples: 5GB, 500MB, "
+                                  f"2GiB)") from None
     if size <= 0:
-        raise CheckpointError(f"shard size {text!r} must be positive")
+        raise CheckpointError(f"shard size {brief_repr(text)} must be positive")
     return size
 
 

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, brief_repr
 
 SHARED, INPUT, NON_BASE = "shared", "input", "non_base"
 BASE_REQUIRED, BASE_OPTIONAL, BASE_FORBIDDEN, BASE_IGNORED = "required", "optional", "forbidden", "ignored"
@@ -110,21 +110,25 @@ class Parameter:
                 return value
             if isinstance(value, int) and value in (0, 1):
                 return bool(value)
-            raise ConfigError(f"{label} = {value!r}; it must be {self.range_text()}")
+            raise ConfigError(f"{label} = {brief_repr(value)}; it must be {self.range_text()}")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{label} = {value!r} is not a number; it must be {self.range_text()}")
+            raise ConfigError(f"{label} = {brief_repr(value)} is not a number; it must be {self.range_text()}")
         if self.kind is int:
             if isinstance(value, float) and not value.is_integer():
-                raise ConfigError(f"{label} = {value!r}; it must be {self.range_text()}")
+                raise ConfigError(f"{label} = {brief_repr(value)}; it must be {self.range_text()}")
             value = int(value)
         else:
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:  # an integer beyond the float range (e.g. 401 digits from a YAML config)
+                raise ConfigError(f"{label} = {brief_repr(value)} is too large; it must be "
+                                  f"{self.range_text()}") from None
             if not math.isfinite(value):
-                raise ConfigError(f"{label} = {value!r}; it must be {self.range_text()}")
+                raise ConfigError(f"{label} = {brief_repr(value)}; it must be {self.range_text()}")
         too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
         too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
         if too_low or too_high:
-            raise ConfigError(f"{label} = {value!r} is out of range; it must be {self.range_text()}")
+            raise ConfigError(f"{label} = {brief_repr(value)} is out of range; it must be {self.range_text()}")
         return value
 
 
@@ -227,7 +231,7 @@ def get(name: str | Method) -> Method:
     try:
         return _METHODS[name]
     except (KeyError, TypeError):
-        raise ConfigError(f"unknown merge method {name!r}; known: {', '.join(names())}") from None
+        raise ConfigError(f"unknown merge method {brief_repr(name)}; known: {', '.join(names())}") from None
 
 
 def names() -> tuple[str, ...]:
@@ -272,8 +276,11 @@ def validate_parameters(method: str | Method, parameters: Mapping[str, Any] | No
         raise ConfigError(f"{m.name}: got {len(ids)} ids for {n_inputs} inputs")
     if len(set(ids)) != len(ids):
         raise ConfigError(f"{m.name}: input ids {ids} are not unique")
+    if parameters is not None and not isinstance(parameters, Mapping):
+        raise ConfigError(f"{m.name}: parameters must be a mapping of parameter names to values, e.g. "
+                          f"{{'weight': 0.5}}, not a {type(parameters).__name__} ({brief_repr(parameters)})")
     parameters = dict(parameters or {})
-    unknown = sorted(set(parameters) - set(m.parameter_names))
+    unknown = sorted(str(name) for name in set(parameters) - set(m.parameter_names))
     if unknown:
         raise ConfigError(f"{m.name}: unknown parameter(s) {', '.join(unknown)}; "
                           f"{m.name} takes {', '.join(m.parameter_names) or 'no parameters'}")
@@ -293,7 +300,7 @@ def validate_parameters(method: str | Method, parameters: Mapping[str, Any] | No
         if p.scope == SHARED:
             if isinstance(value, (Mapping, list, tuple)):
                 raise ConfigError(f"{m.name}: parameter {p.name} is one value for all inputs, "
-                                  f"not {type(value).__name__} {value!r}")
+                                  f"not {type(value).__name__} {brief_repr(value)}")
             bound[p.name] = p.check(m.name, value)
             continue
         scope_ids = ids if p.scope == INPUT else non_base_ids

@@ -8,10 +8,12 @@ them; tests that need a broken checkpoint copy one with :func:`copy_model`.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import glob
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -71,3 +73,29 @@ def run_cli_subprocess(*argv: str, timeout: float = 120) -> subprocess.Completed
     """``python -m fusion_engine ARGV`` in a child process (the installed entry point's code path)."""
     return subprocess.run([sys.executable, "-m", "fusion_engine", *map(str, argv)], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+
+
+@contextlib.contextmanager
+def time_bound(seconds: int):
+    """Fail (instead of hanging the suite) when the block runs past ``seconds``."""
+    def on_alarm(*_):
+        raise TimeoutError(f"still running after {seconds} s: a hang")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def tree(folder: str) -> dict[str, bytes]:
+    """Every file under ``folder`` (path -> bytes): inputs must come out of any run unchanged."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for f in files:
+            path = os.path.join(root, f)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, folder)] = fh.read()
+    return out

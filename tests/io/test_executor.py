@@ -108,7 +108,7 @@ def test_output_may_not_replace_an_input(models, tmp_path):
     paths, _ = models
     with pytest.raises(CheckpointError, match="input model 'single'"):
         run_plan(linear_plan(paths, WEIGHTS), paths["single"], quiet=True, allow_overwrite=True)
-    with pytest.raises(CheckpointError, match="is or contains the input model"):
+    with pytest.raises(CheckpointError, match="contains the input model"):
         run_plan(linear_plan(paths, WEIGHTS), os.path.dirname(paths["single"]), quiet=True, allow_overwrite=True)
 
 

@@ -17,6 +17,7 @@ from fusion_engine.errors import CheckpointError, MissingTensorError
 from fusion_engine.io import DTYPES, open_checkpoint, parse_header
 
 from io_testkit import state_dict, tree_digest, write_model
+from utils import SAFETENSORS_CORPUS, corpus_case
 
 ALL_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
               torch.int8, torch.uint8, torch.bool]
@@ -212,3 +213,53 @@ def test_fuzzed_headers_never_escape_as_other_errors(tmp_path_factory, data):
                 ck.read(name)
     except CheckpointError as exc:
         assert str(p) in str(exc)
+
+
+@pytest.mark.parametrize("path, opens", [corpus_case(p) for p in SAFETENSORS_CORPUS])
+def test_corpus_verdicts_are_the_c_readers(path, opens):
+    """One list of cases for both readers (fuzz/corpus; the C side runs in tests/test_c_api.py)."""
+    if opens:
+        tensors, _ = parse_header(str(path))
+        assert sum(t.nbytes for t in tensors.values()) == os.path.getsize(path) - 8 - struct.unpack(
+            "<Q", path.read_bytes()[:8])[0]
+    else:
+        with pytest.raises(CheckpointError) as info:
+            parse_header(str(path))
+        assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_a_non_regular_file_is_rejected_without_blocking(tmp_path, kind):
+    """A named pipe in place of any input file fails at once (opened non-blocking, then fstat), as in C."""
+    folder = write_model(tmp_path / "m", state_dict(0), shards=2)
+    victims = ["model-00001-of-00002.safetensors", "model.safetensors.index.json", "config.json"]
+    for name in victims:
+        path = os.path.join(folder, name)
+        saved = path + ".saved"
+        os.rename(path, saved)
+        os.mkfifo(path) if kind == "fifo" else os.mkdir(path)
+        try:
+            with pytest.raises(CheckpointError, match=f"{name}.*not a regular file"):
+                with open_checkpoint(folder) as ck:
+                    ck.config()
+                    for tensor in ck.names():
+                        ck.info(tensor)
+        finally:
+            os.rmdir(path) if kind == "folder" else os.remove(path)
+            os.rename(saved, path)
+    if kind == "fifo":  # named directly (a folder named so is opened as a checkpoint folder)
+        for name in ("model.safetensors", "w.bin"):
+            os.mkfifo(tmp_path / name)
+            with pytest.raises(CheckpointError, match=f"{name}.*not a regular file"):
+                open_checkpoint(tmp_path / name)
+
+
+@pytest.mark.parametrize("text, match", [("[1, 2]", "must be a JSON object"), ("[" * 100_000 + "]" * 100_000,
+                                                                              "nests too deeply"),
+                                         ("{", "not valid JSON")])
+def test_bad_config_json_is_a_checkpoint_error(tmp_path, text, match):
+    folder = write_model(tmp_path / "m", state_dict(0))
+    (tmp_path / "m" / "config.json").write_text(text)
+    with open_checkpoint(folder) as ck, pytest.raises(CheckpointError, match=match) as info:
+        ck.config()
+    assert "config.json" in str(info.value)

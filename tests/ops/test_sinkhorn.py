@@ -313,3 +313,61 @@ def test_unequal_mass_within_tolerance_is_accepted():
     cost, a, b = problem(None, 4, 3, seed=31)
     r = sinkhorn(cost, a, b * (1 + 1e-7), reg=0.1)
     assert bool(torch.isfinite(r.plan).all())
+
+
+# ---------------------------------------------------------------------------------------------
+# gradients (implicit differentiation, any backend)
+
+
+def test_gradient_matches_finite_differences(backend):
+    """gradcheck of the plan in the cost and in mass-preserving changes of both histograms,
+    batched, rectangular, at a converged fp64 plan (triton takes no fp64: fp32 vs fp64 reference)."""
+    cost, a, b = problem(2, 4, 5, seed=41)
+    weights = torch.randn(2, 4, 5, generator=torch.Generator().manual_seed(42), dtype=torch.float64)
+    fp64 = torch.float64 in fe._dispatch.BACKEND_DTYPES[backend]
+    if not fp64:
+        grads = []
+        for name, dt in ((backend, torch.float32), ("torch", torch.float64)):
+            c = cost.to(dt).requires_grad_()
+            (sinkhorn(c, a.to(dt), b.to(dt), reg=0.3, tol=1e-7, max_iter=5000, backend=name).plan
+             * weights.to(dt)).sum().backward()
+            grads.append(c.grad.double())
+        assert_verbose_allclose(grads[0], grads[1], 1e-4, 1e-3, what="cost gradient, fp32 vs fp64")
+        return
+
+    def objective(c, a, b):
+        plan = sinkhorn(c, a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True), reg=0.3, tol=1e-13,
+                        max_iter=20000, backend=backend).plan
+        return (plan * weights).sum()
+
+    inputs = tuple(t.clone().requires_grad_() for t in (cost, a, b))
+    assert torch.autograd.gradcheck(objective, inputs, atol=1e-6, rtol=1e-4)
+
+
+def test_gradient_matches_unrolled_iterations():
+    """The implicit gradient equals autograd through many unrolled log-domain iterations, for
+    zero-mass rows as well, and a half-precision cost gets a gradient of its own dtype."""
+    cost, a, b = problem(None, 6, 4, seed=43, zeros=True)
+    weights = torch.randn(6, 4, generator=torch.Generator().manual_seed(44), dtype=torch.float64)
+    c = cost.clone().requires_grad_()
+    (sinkhorn(c, a, b, reg=0.2, tol=1e-14, max_iter=20000).plan * weights).sum().backward()
+    u = torch.zeros(6, dtype=torch.float64)
+    c2 = cost.clone().requires_grad_()
+    v = torch.zeros(4, dtype=torch.float64)
+    for _ in range(3000):  # log-domain iterations with autograd
+        v = b.log() - torch.logsumexp(-c2 / 0.2 + u[:, None], 0)
+        u = a.log() - torch.logsumexp(-c2 / 0.2 + v[None, :], 1)
+    plan = torch.exp(-c2 / 0.2 + u[:, None] + v[None, :])
+    (plan * weights).sum().backward()
+    assert_verbose_allclose(c.grad, c2.grad, 1e-9, 1e-6, what="implicit vs unrolled")
+    assert c.grad[0].abs().max() == 0  # the zero-mass row
+    h = cost.half().requires_grad_()
+    sinkhorn(h, reg=0.2).plan.sum().backward()
+    assert h.grad.dtype == torch.float16
+
+
+def test_no_graph_without_grad():
+    cost, a, b = problem(None, 3, 3, seed=45)
+    assert not sinkhorn(cost, a, b, reg=0.1).plan.requires_grad
+    with torch.no_grad():
+        assert not sinkhorn(cost.requires_grad_(), a, b, reg=0.1).plan.requires_grad

@@ -8,6 +8,8 @@ averaging removes most of the loss barrier between them.
 * :func:`weight_matching` (Git Re-Basin) and :func:`activation_matching` find permutations.
 * :func:`ot_fusion` (OTFusion) fuses layer-wise with optimal transport, hard or soft.
 * :func:`zipit` merges features within and across models, fully or up to a chosen layer.
+* :func:`sinkhorn_rebasin` (Peña et al.) and :func:`ste_rebasin` (Git Re-Basin's straight-through
+  estimator) learn permutations by gradient descent on a merge objective.
 * :func:`align_and_merge` aligns B to A and interpolates, in one call.
 """
 
@@ -20,6 +22,7 @@ from .builders import (
     transformer_permutation_spec,
     vgg_permutation_spec,
 )
+from .learned import sinkhorn_rebasin, ste_rebasin
 from .merge import align_and_merge, interpolate, reset_batchnorm
 from .ot_fusion import ot_fusion
 from .spec import AxisSlot, PermutationSpec, apply_permutation
@@ -30,6 +33,6 @@ __all__ = [
     "AxisSlot", "PartialZip", "PermutationSpec", "UnitStatistics", "activation_matching", "align_and_merge",
     "apply_permutation", "greedy_feature_matching", "infer_permutation_spec", "interpolate", "merge_unmerge",
     "mlp_permutation_spec", "ot_fusion", "reset_batchnorm", "resnet_permutation_spec",
-    "sequential_permutation_spec", "transformer_permutation_spec", "unit_statistics", "vgg_permutation_spec",
+    "sequential_permutation_spec", "sinkhorn_rebasin", "ste_rebasin", "transformer_permutation_spec", "unit_statistics", "vgg_permutation_spec",
     "weight_matching", "zipit",
 ]

@@ -21,17 +21,40 @@ def check_plain(spec: PermutationSpec, where: str):
 
 
 def map_axis(w: torch.Tensor, slot: AxisSlot, matrix: torch.Tensor) -> torch.Tensor:
-    """``w`` with the units of ``slot.axis`` replaced: ``w'[.., i, ..] = Σ_j matrix[i, j] w[.., j, ..]``.
+    """``w`` with the units of ``slot``'s window replaced: ``w'[.., o, i, k, ..] = Σ_j M_o[i, j] w[.., o, j, k, ..]``.
 
-    ``matrix`` is ``[m, n]`` for n units of ``slot.inner`` contiguous elements; the axis becomes m·inner long.
+    The window (axis ``slot.axis``, from ``slot.start``) is viewed as ``[outer, n, inner]``; ``matrix``
+    is ``[m, n]`` (every block) or ``[copies, m, n]`` (block o uses copy ``o // slot.repeat``); the
+    window becomes ``outer·m·inner`` long. A permutation ``P`` as the matrix ``M[i, P[i]] = 1`` gives
+    :func:`~fusion_engine.alignment.apply_permutation`'s ``W[P]``. Differentiable in ``w`` and ``matrix``.
     """
     x = w.movedim(slot.axis, 0)
-    rest = x.shape[1:]
-    n = matrix.shape[1]
-    x = x.reshape(n, slot.inner * rest.numel() if rest else slot.inner)
-    y = matrix.to(x.dtype) @ x
-    y = y.reshape(matrix.shape[0] * slot.inner, *rest)
+    n = matrix.shape[-1]
+    length = slot.outer * n * slot.inner
+    window = x[slot.start:slot.start + length].reshape(slot.outer, n, -1)  # [outer, n, inner·rest]
+    mat = matrix.to(x.dtype)
+    y = (mat.repeat_interleave(slot.repeat, 0) if mat.dim() == 3 else mat) @ window
+    y = y.reshape(-1, *x.shape[1:])
+    if slot.start or length != x.shape[0]:
+        y = torch.cat([x[:slot.start], y, x[slot.start + length:]], 0)
     return y.movedim(0, slot.axis)
+
+
+def apply_matrices(spec: PermutationSpec, state_dict, matrices) -> dict[str, torch.Tensor]:
+    """The spec's tensors of ``state_dict`` mapped by one matrix per permutation (:func:`map_axis`), in the
+    spec's application order; other tensors passed through. With one-hot matrices of permutations this
+    is :func:`~fusion_engine.alignment.apply_permutation`; with doubly stochastic ones a soft
+    relabelling (Sinkhorn re-basin), differentiable in the matrices."""
+    out = dict(state_dict)
+    for (param, _axis), entries in spec.axis_perms().items():
+        for p, s in entries:
+            out[param] = map_axis(out[param], s, matrices[p])
+    return out
+
+
+def one_hot(perm: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
+    """The matrix of a permutation (``[n]`` or ``[copies, n]``): ``M[.., i, perm[i]] = 1``."""
+    return torch.nn.functional.one_hot(perm, perm.shape[-1]).to(dtype)
 
 
 def unit_rows(w: torch.Tensor, slot: AxisSlot, n: int) -> torch.Tensor:

@@ -171,7 +171,9 @@ class _ImplicitPlan(torch.autograd.Function):
 
     (the histogram gradients up to a constant, which mass-preserving changes do not see). One
     batched dense solve of size n + m per problem, O((n + m)³). Zero-mass rows/columns have zero
-    plan entries and get zero gradient.
+    plan entries and get zero gradient. A nearly hard plan whose support splits into several blocks
+    (entries underflowed to 0) leaves one free constant per block; a ridge of machine ε × the largest
+    marginal keeps the solve regular, and whatever constant it picks per block cancels in the gradient.
 
     Reference: Eisenberger, Toker, Leal-Taixé, Bernard & Cremers, "A Unified Framework for Implicit
     Sinkhorn Differentiation", CVPR 2022; Luise et al., "Differential Properties of Sinkhorn
@@ -198,6 +200,8 @@ class _ImplicitPlan(torch.autograd.Function):
         h[:, n:, :n] = plan.transpose(1, 2)
         h.diagonal(dim1=1, dim2=2).copy_(torch.where(live, torch.cat([rows, cols], 1), 1.0))
         h += v[:, :, None] * v[:, None, :]
+        ridge = torch.finfo(plan.dtype).eps * h.diagonal(dim1=1, dim2=2).amax(1)
+        h.diagonal(dim1=1, dim2=2).add_(ridge[:, None])
         z = torch.linalg.solve(h, torch.cat([q.sum(2), q.sum(1)], 1))
         x, y = z[:, :n], z[:, n:]
         grad_cost = plan * (x[:, :, None] + y[:, None, :]) - q

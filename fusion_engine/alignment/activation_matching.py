@@ -10,6 +10,18 @@ then solve
 one linear assignment per permutation. Statistics are accumulated in float64 with forward hooks;
 no activation is kept beyond its batch.
 
+Attention heads (a spec's ``head_dims``): the input of the output projection holds, per query head,
+``head_dim`` value features; with grouped-query attention ``r`` consecutive query heads share a
+key/value head g. With C the cross-correlation of A's and B's features viewed as
+``[G, r, d] × [G, r, d]``, the score of A's group g against B's group g' is
+
+.. math::  V_{gg'} = \max_{\sigma} \sum_{q < r} \sum_{k < d} C_{(g,q,k),(g',q,\sigma(k))}
+
+(one batched d × d assignment for all G² pairs; the identity σ when the spec does not permute head
+dimensions), and the heads are the assignment maximising :math:`\sum_g V_{g\pi(g)}`; B's head
+π(g) gets the dimension permutation σ of the pair (g, π(g)). GPT-2's query/key dimensions are left
+as they are (attention scores are invariant to them; weight matching aligns them).
+
 Reference: Ainsworth et al., "Git Re-Basin", ICLR 2023 (§3.1); Li et al., "Convergent Learning",
 ICLR 2016.
 """
@@ -127,12 +139,12 @@ def unit_statistics(spec: PermutationSpec, models: Sequence[nn.Module], batches:
                     continue
                 x = torch.cat([torch.cat(current[k][p], 0) for k in range(K)], 1)  # [samples, K·n]
                 n = spec.perm_sizes[p]
-                if x.shape[1] != K * n:
+                if x.shape[1] != K * n and not (p in spec.head_dims and x.shape[1] % (K * n) == 0):
                     raise ConfigError(f"unit_statistics: sites of {p!r} produced {x.shape[1] // K} units, the spec "
                                       f"says {n}")
                 s = stats.get(p)
                 if s is None:
-                    stats[p] = UnitStatistics(x.shape[0], x.sum(0), x.T @ x, n)
+                    stats[p] = UnitStatistics(x.shape[0], x.sum(0), x.T @ x, x.shape[1] // K)
                 else:
                     s.count += x.shape[0]
                     s.sum += x.sum(0)
@@ -160,8 +172,9 @@ def activation_matching(spec: PermutationSpec, model_a: nn.Module, model_b: nn.M
 
     Returns
     -------
-    dict permutation name → int64 tensor, for :func:`apply_permutation` on B. Permutations without
-    activation sites (per-head permutations of transformer specs) are returned as identities.
+    dict permutation name → int64 tensor, for :func:`apply_permutation` on B. Attention heads and
+    their value dimensions are matched together (above); other permutations without activation sites
+    (GPT-2's query/key dimensions) are returned as identities.
 
     Example
     -------
@@ -171,6 +184,32 @@ def activation_matching(spec: PermutationSpec, model_a: nn.Module, model_b: nn.M
     perms = spec.identity()
     for p, s in stats.items():
         corr = s.block(s.correlation(), 0, 1)
-        _, cols = ops.linear_assignment(corr, maximize=True, backend=backend)
-        perms[p] = cols.long()
+        if p in spec.head_dims:
+            dims = spec.head_dims[p]
+            perms[p], v = match_heads(corr, spec.perm_sizes[p], spec.perm_sizes[dims] if dims else None, backend)
+            if dims:
+                perms[dims] = v
+        else:
+            perms[p] = ops.linear_assignment(corr, maximize=True, backend=backend)[1].long()
     return perms
+
+
+def match_heads(corr: torch.Tensor, groups: int, head_dim: int | None,
+                backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Heads ``[G]`` and per-head dimension permutations ``[G, d]`` (None when ``head_dim`` is None: dims
+    kept) from the ``[G·r·d, G·r·d]`` cross-correlation of two attention outputs (module docstring)."""
+    width = corr.shape[0] // groups  # features per group, r·d
+    if head_dim is None:  # no dimension permutation: the score is the correlation of equal dimensions
+        values = corr.reshape(groups, width, groups, width).diagonal(dim1=1, dim2=3).sum(-1)
+        return ops.linear_assignment(values, maximize=True, backend=backend)[1].long(), None
+    d = head_dim
+    c = corr.reshape(groups, width // d, d, groups, width // d, d)
+    pairs = c.diagonal(dim1=1, dim2=4).sum(-1).permute(0, 2, 1, 3).reshape(groups * groups, d, d)
+    _, sigma = ops.linear_assignment(pairs, maximize=True, backend=backend)  # [G·G, d]
+    values = pairs.gather(-1, sigma[..., None]).sum((1, 2)).reshape(groups, groups)
+    _, heads = ops.linear_assignment(values, maximize=True, backend=backend)
+    heads = heads.long()
+    sigma = sigma.reshape(groups, groups, d)
+    dims = torch.empty(groups, d, dtype=torch.int64)
+    dims[heads] = sigma[torch.arange(groups), heads]
+    return heads, dims

@@ -47,6 +47,7 @@ class _SpecBuilder:
         self.slots: dict[str, list[AxisSlot]] = {}
         self.copies: dict[str, int] = {}
         self.sites: dict[str, list[str]] = {}
+        self.head_dims: dict[str, str | None] = {}
 
     def perm(self, name: str, n: int, copies: int = 1):
         if name not in self.sizes:
@@ -66,7 +67,7 @@ class _SpecBuilder:
         return PermutationSpec(
             perm_sizes=dict(self.sizes), slots={p: tuple(s) for p, s in self.slots.items()},
             param_shapes={k: v for k, v in self.shapes.items() if k in used}, copies=dict(self.copies),
-            activation_sites={p: tuple(m) for p, m in self.sites.items()})
+            activation_sites={p: tuple(m) for p, m in self.sites.items()}, head_dims=dict(self.head_dims))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -242,6 +243,10 @@ def transformer_permutation_spec(model_or_state_dict, *, n_layers: int | None = 
     * ``layers.<i>.ffn``: the FFN hidden units (GPT-2 ``c_fc``; Llama ``gate_proj`` and ``up_proj``
       rows together).
 
+    Activation sites (for activation matching): each decoder layer's output (residual), the FFN
+    down projection's input, and the attention output projection's input for the heads, which
+    ``head_dims`` pairs with the ``v_dims`` permutation of the same layer.
+
     ``n_layers`` / ``n_heads`` / ``n_kv_heads`` default to a model's config (required for a bare
     state dict, except ``n_kv_heads`` which defaults to ``n_heads``). ``permute_head_dims=False``
     leaves the within-head permutations out.
@@ -306,6 +311,8 @@ def _gpt2_spec(sd, pre: str, n_layers: int, n_heads: int, head_dims: bool) -> Pe
             b.on(heads, qkv, 1, start=start, inner=d)
             b.on(heads, qkv_b, 0, start=start, inner=d)
         b.on(heads, proj, 0, inner=d)
+        b.site(heads, f"{h}attn.c_proj:input")
+        b.head_dims[heads] = f"layers.{i}.v_dims" if head_dims else None
         ffn = f"layers.{i}.ffn"
         b.perm(ffn, sd[f"{h}mlp.c_fc.weight"].shape[1])
         b.on(ffn, f"{h}mlp.c_fc.weight", 1)
@@ -358,6 +365,8 @@ def _llama_spec(sd, pre: str, n_layers: int, n_heads: int, n_kv: int, head_dims:
             b.on(heads, f"{a}{proj}.weight", 0, inner=d)
             b.on(heads, f"{a}{proj}.bias", 0, inner=d)
         b.on(heads, f"{a}o_proj.weight", 1, inner=rep * d)
+        b.site(heads, f"{a}o_proj:input")
+        b.head_dims[heads] = f"layers.{i}.v_dims" if head_dims else None
         m = f"{h}mlp."
         ffn = f"layers.{i}.ffn"
         b.perm(ffn, sd[f"{m}up_proj.weight"].shape[0])

@@ -54,6 +54,9 @@ class PermutationSpec:
     activation_sites : permutation name → module names whose outputs carry its units (for
         activation matching / ZipIt): channel dim 1 of a 2-D/4-D output, the last dim of a 3-D one
     layer_order : the permutations in the order a forward pass produces them (OT fusion, ZipIt)
+    head_dims : attention-head permutation → the per-head permutation of its value dimensions (or None);
+        the heads' activation site (the attention output projection's input, ``heads·repeat·head_dim``
+        features) then carries both (activation matching matches heads and their dimensions together)
     """
 
     perm_sizes: dict[str, int]
@@ -62,6 +65,7 @@ class PermutationSpec:
     copies: dict[str, int] = field(default_factory=dict)
     activation_sites: dict[str, tuple[str, ...]] = field(default_factory=dict)
     layer_order: tuple[str, ...] = ()
+    head_dims: dict[str, str | None] = field(default_factory=dict)
 
     def __post_init__(self):
         for p, slots in self.slots.items():

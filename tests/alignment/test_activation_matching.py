@@ -62,3 +62,28 @@ def test_errors():
         activation_matching(mlp_permutation_spec(model.state_dict()), model, model, [torch.randn(3, 64)])
     with pytest.raises(ConfigError, match="empty"):
         activation_matching(mlp_permutation_spec(model), model, model, [])
+
+
+@pytest.mark.parametrize("case, head_dims", [("gpt2", True), ("llama_gqa", True), ("llama_mha", True),
+                                             ("llama_gqa", False)])
+def test_transformer_heads_dims_ffn_residual_are_recovered(case, head_dims):
+    """Every permutation group of a transformer (residual, heads with GQA groups, per-head value dims,
+    FFN) is matched back exactly; GPT-2's query/key dims, which activation matching leaves alone, are
+    planted as identities."""
+    from test_permutation_spec import CASES as MODELS, outputs
+
+    make, build, inputs = MODELS[case]
+    model = make()
+    spec = build(model, permute_head_dims=head_dims)
+    true = spec.random(seed=4)
+    true.update({p: t.sort(-1).values for p, t in true.items() if p.endswith("qk_dims")})
+    permuted = apply_permutation(spec, model.state_dict(), true)
+    other = copy.deepcopy(model)
+    other.load_state_dict(permuted)
+    torch.manual_seed(0)
+    found = activation_matching(spec, model, other, [inputs(), inputs()])
+    restored = apply_permutation(spec, permuted, found)
+    assert all(torch.equal(restored[k], v) for k, v in model.state_dict().items())
+    other.load_state_dict(restored)
+    x = inputs()
+    torch.testing.assert_close(outputs(other, x), outputs(model, x), atol=0, rtol=0)

@@ -183,15 +183,19 @@ def activation_matching(spec: PermutationSpec, model_a: nn.Module, model_b: nn.M
     stats = unit_statistics(spec, [model_a, model_b], batches)
     perms = spec.identity()
     for p, s in stats.items():
-        corr = s.block(s.correlation(), 0, 1)
-        if p in spec.head_dims:
-            dims = spec.head_dims[p]
-            perms[p], v = match_heads(corr, spec.perm_sizes[p], spec.perm_sizes[dims] if dims else None, backend)
-            if dims:
-                perms[dims] = v
-        else:
-            perms[p] = ops.linear_assignment(corr, maximize=True, backend=backend)[1].long()
+        perms.update(assign_from_correlation(spec, p, s.block(s.correlation(), 0, 1), backend))
     return perms
+
+
+def assign_from_correlation(spec: PermutationSpec, p: str, corr: torch.Tensor,
+                            backend: str | None = None) -> dict[str, torch.Tensor]:
+    """The permutation(s) of B maximising the total correlation ``corr`` [A's features, B's features] at
+    ``p``'s site: ``{p: perm}``, or for attention heads ``{heads, value dims}`` (:func:`match_heads`)."""
+    if p not in spec.head_dims:
+        return {p: ops.linear_assignment(corr, maximize=True, backend=backend)[1].long()}
+    dims = spec.head_dims[p]
+    heads, v = match_heads(corr, spec.perm_sizes[p], spec.perm_sizes[dims] if dims else None, backend)
+    return {p: heads, dims: v} if dims else {p: heads}
 
 
 def match_heads(corr: torch.Tensor, groups: int, head_dim: int | None,

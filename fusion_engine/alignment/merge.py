@@ -21,10 +21,19 @@ METHODS = ("weight_matching", "activation_matching", "ot_fusion", "zipit", "none
 
 def interpolate(state_a: dict, state_b: dict, alpha: float) -> dict:
     """``(1 - α)·A + α·B`` for floating tensors; other tensors (counters) are taken from A."""
+    return interpolate_many([state_a, state_b], [1 - alpha, alpha])
+
+
+def interpolate_many(states, weights=None) -> dict:
+    """``Σ_k w_k·state_k`` (default: the mean) for floating tensors; other tensors from the first state."""
+    states = list(states)
+    w = [1.0 / len(states)] * len(states) if weights is None else [float(x) for x in weights]
     out = {}
-    for k, a in state_a.items():
-        b = state_b[k]
-        out[k] = (a.double() * (1 - alpha) + b.double() * alpha).to(a.dtype) if a.is_floating_point() else a.clone()
+    for k, ref in states[0].items():
+        if ref.is_floating_point():
+            out[k] = sum(wi * s[k].double() for wi, s in zip(w, states)).to(ref.dtype)
+        else:
+            out[k] = ref.clone()
     return out
 
 

@@ -12,6 +12,7 @@ from ..errors import ConfigError
 from .activation_matching import _run, activation_matching
 from .builders import infer_permutation_spec
 from .ot_fusion import ot_fusion
+from .repair import repair as repair_statistics
 from .spec import PermutationSpec, apply_permutation
 from .weight_matching import weight_matching
 from .zipit import zipit
@@ -64,7 +65,7 @@ def reset_batchnorm(model: nn.Module, batches: Iterable) -> nn.Module:
 
 def align_and_merge(model_a: nn.Module, model_b: nn.Module, method: str = "weight_matching", alpha: float = 0.5, *,
                     spec: PermutationSpec | None = None, batches: Iterable | None = None, seed: int = 0,
-                    reset_bn: bool = True, **kwargs) -> nn.Module:
+                    reset_bn: bool = True, repair: bool = False, **kwargs) -> nn.Module:
     """Align ``model_b`` to ``model_a`` and interpolate: a new model ``(1 - α)·A + α·π(B)``.
 
     Parameters
@@ -78,6 +79,8 @@ def align_and_merge(model_a: nn.Module, model_b: nn.Module, method: str = "weigh
     batches : model inputs; needed by activation matching, activation-based OT and ZipIt, and
         used to re-estimate BatchNorm statistics of the result when ``reset_bn``
     seed : weight matching's sweep-order seed
+    repair : apply :func:`repair` (REPAIR) on ``batches`` to the interpolation of A and π(B) (permutation
+        methods and ``"none"``; it replaces ``reset_bn``)
     kwargs : forwarded to the method (e.g. ``max_iter``, ``mode``, ``reg``, ``stop_at``)
 
     Example
@@ -89,6 +92,9 @@ def align_and_merge(model_a: nn.Module, model_b: nn.Module, method: str = "weigh
     if not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"align_and_merge: alpha={alpha} must be in [0, 1]")
     batches = list(batches) if batches is not None else None
+    if repair and (batches is None or method in ("ot_fusion", "zipit")):
+        raise ConfigError(f"align_and_merge: repair=True needs batches= and a permutation method "
+                          f"(weight_matching, activation_matching, none), got method={method!r}")
     if method in ("activation_matching", "zipit") and batches is None:
         raise ConfigError(f"align_and_merge: method={method!r} needs batches= (model inputs)")
     spec = infer_permutation_spec(model_a) if spec is None else spec
@@ -106,9 +112,14 @@ def align_and_merge(model_a: nn.Module, model_b: nn.Module, method: str = "weigh
                 perms = activation_matching(spec, model_a, model_b, batches, **kwargs)
             else:
                 perms = spec.identity()
-            state = interpolate(sd_a, apply_permutation(spec, sd_b, perms), alpha)
+            aligned_b = apply_permutation(spec, sd_b, perms)
+            state = interpolate(sd_a, aligned_b, alpha)
         merged = copy.deepcopy(model_a)
         merged.load_state_dict(state)
+        if repair:
+            endpoint_b = copy.deepcopy(model_b)
+            endpoint_b.load_state_dict(aligned_b)
+            return repair_statistics(merged, [model_a, endpoint_b], batches, weights=[1 - alpha, alpha])
     if reset_bn and batches is not None:
         reset_batchnorm(merged, batches)
     return merged

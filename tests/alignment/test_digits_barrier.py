@@ -14,6 +14,8 @@ OT fusion, exact             0.089    0.940
 OT fusion, entropic 0.01     0.124    0.933
 OT fusion, activations       0.153    0.898
 ZipIt! (full)                0.102    0.949
+weight matching + REPAIR     0.055    0.924
+naive + REPAIR               0.359    0.906
 STE (Git Re-Basin §3.3)      0.074    0.942
 Sinkhorn re-basin, L_mid     0.067    0.944
 ===========================  =======  =============
@@ -129,3 +131,11 @@ def test_learned_alignment_beats_weight_matching(trained, method):
     learned, matched = barrier(data, a, b, midpoint(perms)), barrier(data, a, b, midpoint(wm))
     assert learned < 0.9 * matched, f"{method}: barrier {learned:.3f} vs weight matching {matched:.3f}"
     assert evaluate(midpoint(perms), data.x_test, data.y_test).accuracy > 0.9
+
+
+def test_repair_lowers_the_barrier(trained):
+    data, a, b = trained
+    for method in ("none", "weight_matching"):
+        plain = barrier(data, a, b, align_and_merge(a, b, method))
+        repaired = barrier(data, a, b, align_and_merge(a, b, method, batches=[data.x_train], repair=True))
+        assert repaired < 0.75 * plain, f"{method}: REPAIR barrier {repaired:.3f} vs {plain:.3f}"

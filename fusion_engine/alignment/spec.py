@@ -218,8 +218,20 @@ def apply_permutation(spec: PermutationSpec, state_dict: Mapping[str, torch.Tens
     check_state_dict(spec, state_dict, where, "state_dict")
     perms = check_perms(spec, perms, where)
     out = dict(state_dict)
-    for (param, axis), entries in spec.axis_perms().items():
-        w = out[param]
-        idx = axis_index_map(spec, entries, {p: t.to(w.device) for p, t in perms.items()}, w.shape[axis])
-        out[param] = w.index_select(axis, idx)
+    table = spec.axis_perms()
+    for param in spec.param_shapes:
+        out[param] = permute_tensor(spec, param, out[param], perms, table)
     return out
+
+
+def permute_tensor(spec: PermutationSpec, param: str, tensor: torch.Tensor,
+                   perms: Mapping[str, torch.Tensor], table: dict | None = None) -> torch.Tensor:
+    """One tensor of :func:`apply_permutation`: ``param``'s permuted axes gathered (no validation);
+    ``table`` is ``spec.axis_perms()`` when the caller has it."""
+    table = spec.axis_perms() if table is None else table
+    for axis in range(tensor.dim()):
+        entries = table.get((param, axis))
+        if entries:
+            idx = axis_index_map(spec, entries, {p: perms[p].to(tensor.device) for p, _ in entries}, tensor.shape[axis])
+            tensor = tensor.index_select(axis, idx)
+    return tensor

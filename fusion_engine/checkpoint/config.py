@@ -49,7 +49,8 @@ DTYPES = {
     "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
 }
 TOP_LEVEL_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
-                  "tokenizer_source", "name", "lines")
+                  "tokenizer_source", "name", "lines", "alignment")
+ALIGNMENTS = ("weight_matching",)  # alignment: permute the models onto the reference before merging
 UNSUPPORTED_KEYS = {
     "modules": "write the merge with top-level `models:` or `slices:`",
     "tokenizer": "use `tokenizer_source: base` (or a model path) instead of a `tokenizer:` block",
@@ -112,6 +113,7 @@ class MergeConfig:
     dtype: torch.dtype | None
     out_dtype: torch.dtype | None
     tokenizer_source: str | None
+    alignment: str | None = None
     filename: str = "config.yaml"
     base_dir: str = "."
     path: str | None = None  # the file it was read from (copied to the output as mergekit_config.yml)
@@ -375,8 +377,16 @@ def parse_config(text: str, filename: str = "config.yaml", base_dir: str = ".") 
             raise doc.error(top["tokenizer_source"][1], "tokenizer_source: union (a merged vocabulary) is not "
                             "supported", "use tokenizer_source: base, or a model whose tokenizer all models share")
     lines_scaling = _lines_scaling(doc, top["lines"][1]) if "lines" in top else None
+    alignment = doc.string(top["alignment"][1], "alignment") if "alignment" in top else None
+    if alignment is not None and alignment not in ALIGNMENTS:
+        raise doc.error(top["alignment"][1], f"alignment: {alignment} is not available in a merge config",
+                        f"use alignment: {' | '.join(ALIGNMENTS)} (activation matching needs model inputs: align in "
+                        f"Python with fusion_engine.alignment and merge the aligned checkpoint)")
+    if alignment is not None and slices is not None:
+        raise doc.error(top["alignment"][0], "alignment works on whole models", "list the models under 'models:'")
     return MergeConfig(merge_method=method, base_model=base_model, models=models, slices=slices,
                        parameters=parameters, dtype=dtype, out_dtype=out_dtype, tokenizer_source=tokenizer_source,
+                       alignment=alignment,
                        filename=filename, base_dir=base_dir, text=text, lines=lines, lines_scaling=lines_scaling)
 
 

@@ -306,6 +306,9 @@ def run_plan(plan: MergePlan, out_dir: str | os.PathLike, *, device: str | torch
     out_dir = os.path.abspath(os.fspath(out_dir))
     _check_output_not_input(out_dir, plan)
     if distributed.world_size_from_env() > 1:
+        if plan.alignment:
+            raise CheckpointError("alignment: is not supported under torchrun yet; run the aligned merge in one "
+                                  "process")
         return _run_plan_ranks(plan, out_dir, device=device, out_shard_size=out_shard_size,
                                allow_overwrite=allow_overwrite, quiet=quiet, max_in_flight=max_in_flight,
                                checkpoints=checkpoints)
@@ -313,9 +316,13 @@ def run_plan(plan: MergePlan, out_dir: str | os.PathLike, *, device: str | torch
     start = time.perf_counter()
     with Checkpoints.borrow(checkpoints) as ckpts:
         jobs, layout = prepare(plan, out_shard_size, ckpts)
+        sources = ckpts
+        if plan.alignment:  # every model permuted onto the reference as it is read
+            from ..alignment.checkpoints import align_checkpoints
+            sources = align_checkpoints(plan.alignment, _reference_model(plan), ckpts)
         with atomic_output_dir(out_dir, allow_overwrite) as tmp:
             with ShardedWriter(tmp, layout) as writer:
-                stream_jobs(jobs, ckpts, writer, device, max_in_flight, quiet)
+                stream_jobs(jobs, sources, writer, device, max_in_flight, quiet)
                 files = writer.finish()
             files += write_side_files(plan, ckpts, tmp)
     return {"out_dir": out_dir, "tensors": len(jobs), "bytes_read": sum(j.read_bytes for j in jobs),

@@ -71,3 +71,4 @@ class MergePlan:
     config_json: dict[str, Any] | None = None  # config.json of the output (e.g. num_hidden_layers after slices)
     extra_files: dict[str, str] = field(default_factory=dict)  # output file name -> source path (tokenizer, ...)
     default_out_dtype: torch.dtype | None = None
+    alignment: str | None = None  # permute every model onto the reference before merging (alignment.checkpoints)

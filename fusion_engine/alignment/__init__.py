@@ -39,6 +39,7 @@ __all__ = [
     "align_and_merge", "interpolate_many", "weight_matching_many",
     "apply_permutation", "greedy_feature_matching", "infer_permutation_spec", "interpolate", "merge_unmerge",
     "mlp_permutation_spec", "ot_fusion", "repair", "reset_batchnorm", "resnet_permutation_spec",
-    "sequential_permutation_spec", "sinkhorn_rebasin", "ste_rebasin", "transformer_permutation_spec", "unit_statistics", "vgg_permutation_spec",
+    "sequential_permutation_spec", "sinkhorn_rebasin", "ste_rebasin", "transformer_permutation_spec",
+    "unit_statistics", "vgg_permutation_spec",
     "weight_matching", "zipit",
 ]

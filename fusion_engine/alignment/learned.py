@@ -9,7 +9,8 @@
   .. math::
       \\mathcal L_{\\text{dist}} = \\lVert \\theta_A - \\pi_P(\\theta_B) \\rVert^2, \\quad
       \\mathcal L_{\\text{mid}} = \\mathcal L\\big(\\tfrac12(\\theta_A + \\pi_P(\\theta_B))\\big), \\quad
-      \\mathcal L_{\\text{rnd}} = \\mathbb E_{t \\sim U(0,1)}\\, \\mathcal L\\big((1-t)\\theta_A + t\\,\\pi_P(\\theta_B)\\big)
+      \\mathcal L_{\\text{rnd}} = \\mathbb E_{t \\sim U(0,1)}\\,
+          \\mathcal L\\big((1-t)\\theta_A + t\\,\\pi_P(\\theta_B)\\big)
 
   The hard permutations are the linear assignments maximising :math:`\\langle P_\\ell, \\cdot \\rangle`.
 * :func:`ste_rebasin` (Ainsworth et al. 2023, §3.3): a free copy :math:`\\tilde\\theta_B` (initialised to

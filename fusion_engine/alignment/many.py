@@ -4,7 +4,8 @@ Aligning K models pairwise to a reference makes the result depend on that refere
 aligns every model to the *universe*, the average of the others as currently aligned, and repeats
 until no permutation changes:
 
-.. math::  \\pi_k \\leftarrow \\arg\\max_{\\pi} \\Big\\langle \\tfrac{1}{K-1} \\sum_{j \\ne k} \\pi_j(\\theta_j),\\ \\pi(\\theta_k) \\Big\\rangle
+.. math::  \\pi_k \\leftarrow \\arg\\max_{\\pi}
+           \\Big\\langle \\tfrac{1}{K-1} \\sum_{j \\ne k} \\pi_j(\\theta_j),\\ \\pi(\\theta_k) \\Big\\rangle
 
 (weight matching, :func:`weight_matching_many`) or the correlation of each unit's activations with
 the average aligned activation of the other models (:func:`activation_matching_many`). The models
@@ -43,7 +44,8 @@ def _changed(old, new) -> bool:
 
 
 def weight_matching_many(spec: PermutationSpec, state_dicts: Sequence[Mapping[str, torch.Tensor]], *,
-                         max_sweeps: int = 20, seed: int = 0, backend: str | None = None) -> list[dict[str, torch.Tensor]]:
+                         max_sweeps: int = 20, seed: int = 0,
+                         backend: str | None = None) -> list[dict[str, torch.Tensor]]:
     """One permutation set per model, aligning all K models to their shared average (MergeMany).
 
     Returns

@@ -160,7 +160,8 @@ class _ImplicitPlan(torch.autograd.Function):
 
     At the optimum :math:`P_{ij} = e^{(f_i + g_j - C_{ij})/\\varepsilon}` with :math:`P1 = a,\\ P^T1 = b`.
     Differentiating, :math:`dP_{ij} = P_{ij}(df_i + dg_j - dC_{ij})/\\varepsilon`, and the marginal
-    constraints give :math:`H\\,[df; dg] = [(P \\circ dC)1 + \\varepsilon\\,da;\\ (P \\circ dC)^T 1 + \\varepsilon\\,db]` with
+    constraints give
+    :math:`H\\,[df; dg] = [(P \\circ dC)1 + \\varepsilon\\,da;\\ (P \\circ dC)^T 1 + \\varepsilon\\,db]` with
     :math:`H = \\begin{pmatrix} \\mathrm{diag}(P1) & P \\\\ P^T & \\mathrm{diag}(P^T 1) \\end{pmatrix}`
     (symmetric, singular along :math:`v = [1; -1]`: the potentials' free constant). For an upstream
     gradient G, with :math:`Q = G \\circ P / \\varepsilon` and :math:`[x; y]` solving

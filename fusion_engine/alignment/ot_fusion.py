@@ -16,7 +16,18 @@ For permutation ℓ (a layer's output units) and model k:
 The fused parameters are :math:`\\sum_k w_k \\tilde W_k`. With a target of a different width the
 result has the target's width (soft alignment compresses or expands the layers).
 
-Reference: Singh & Jaggi, "Model Fusion via Optimal Transport", NeurIPS 2020.
+Transformers (GPT-2 / Llama specs; Imfeld et al.'s transformer fusion): the residual stream is one
+transport map shared by every layer that reads or writes it (embeddings, norms, the output head, and
+through them every projection), LayerNorm/RMSNorm parameters follow it, each FFN gets its own map,
+and attention heads are transported one to one: the head pairing (key/value groups under GQA) and,
+per pair, the permutation of each per-head dimension group (value dims; GPT-2's query/key dims) are
+exact assignments on the squared distances of the heads' weights with the residual map already
+applied (a head pair's cost is the optimal cost of its dimension assignments plus the distance of
+its windows that no dimension permutation acts on, e.g. rotary Q/K). Residual and FFN widths may
+differ from the target's (soft OT); head counts and head_dim may not.
+
+References: Singh & Jaggi, "Model Fusion via Optimal Transport", NeurIPS 2020; Imfeld, Graldi,
+Giordano, Hofmann, Anagnostidis & Singh, "Transformer Fusion with Optimal Transport", ICLR 2024.
 """
 
 from __future__ import annotations
@@ -28,10 +39,11 @@ from torch import nn
 
 from ..errors import ConfigError, ShapeMismatchError
 from .. import ops
-from ._transport import check_plain, map_axis, unit_rows
+from ._transport import map_axis, one_hot, unit_rows
 from .activation_matching import unit_statistics
 from .builders import infer_permutation_spec
 from .spec import PermutationSpec
+from .weight_matching import slot_view
 
 
 def _sd(m) -> Mapping[str, torch.Tensor]:
@@ -54,8 +66,8 @@ def ot_fusion(models: Sequence, *, spec: PermutationSpec | None = None, mode: st
     Parameters
     ----------
     models : K ``nn.Module`` s or state dicts (modules are required for ``mode="activations"``)
-    spec : the models' :class:`PermutationSpec` (default: inferred from ``models[0]``); its
-        permutations must act on whole axes (MLP, VGG, ResNet specs)
+    spec : the models' :class:`PermutationSpec` (default: inferred from ``models[0]``): MLP, VGG,
+        ResNet or transformer (GPT-2 / Llama, GQA) specs
     mode : ``"weights"`` (incoming weights as the unit's features) or ``"activations"``
     exact : True: exact OT (a permutation per layer; equal widths, uniform histograms);
         False: entropic OT with ``reg`` (relative to the largest ground cost)
@@ -94,7 +106,9 @@ def ot_fusion(models: Sequence, *, spec: PermutationSpec | None = None, mode: st
         if not isinstance(models[0], nn.Module):
             raise ConfigError(f"{where}: pass spec= when the models are state dicts")
         spec = infer_permutation_spec(models[0])
-    check_plain(spec, where)
+    groups = _head_groups(spec, where)
+    if groups and mode != "weights":
+        raise ConfigError(f"{where}: transformer specs (attention heads) are fused with mode='weights'")
     sds = [_sd(m) for m in models]
     if isinstance(target, int):
         if not 0 <= target < K:
@@ -120,21 +134,30 @@ def ot_fusion(models: Sequence, *, spec: PermutationSpec | None = None, mode: st
             raise ConfigError(f"{where}: mode='activations' needs target to be one of the models (an index)")
         stats = unit_statistics(spec, models, batches)
 
-    axes = spec.axes_to_perm
-    m_sizes = {p: _target_width(spec, p, target_sd) for p in spec.perm_sizes}
+    table = spec.axis_perms()
+    in_groups = {q for dims in groups.values() for q in dims}
+    m_sizes = {p: _target_width(spec, p, target_sd) for p in spec.perm_sizes if p not in in_groups and p not in groups}
     maps: list[dict[str, torch.Tensor]] = [dict() for _ in range(K)]
     done: set[str] = set()
     for p in spec.layer_order:
+        if p in in_groups:
+            continue  # transported with its heads
+        if p in groups:
+            for k in range(K):
+                if k != target_index:
+                    maps[k].update(_head_maps(spec, table, p, groups[p], target_sd, sds[k], maps[k], backend))
+            done.update((p, *groups[p]))
+            continue
         n, m = spec.perm_sizes[p], m_sizes[p]
         ready = [s for s in spec.slots[p] if not s.param.endswith(("running_mean", "running_var"))
-                 and all(q in done or q == p for q in _perms_of(axes, s.param))]
+                 and all(q in done or q == p for q in _param_perms(table, s.param))]
         if not ready and mode == "weights":
             raise ConfigError(f"{where}: permutation {p!r} has no weight whose other axes are already aligned")
         t_rows = torch.cat([unit_rows(target_sd[s.param].double(), s, m) for s in ready], 1) if ready else None
         for k in range(K):
             if k == target_index:
                 continue
-            rows = torch.cat([unit_rows(_mapped(sds[k][s.param].double(), spec, axes, s, maps[k], p), s, n)
+            rows = torch.cat([unit_rows(_mapped(sds[k][s.param].double(), table, s, maps[k]), s, n)
                               for s in ready], 1) if ready else None
             if mode == "weights":
                 cost = ops.cost_matrix(t_rows, rows, metric="euclidean", backend=backend)
@@ -171,10 +194,9 @@ def ot_fusion(models: Sequence, *, spec: PermutationSpec | None = None, mode: st
                 continue
             x = x.double()
             if name in spec.param_shapes and k != target_index:
-                for p in _perms_of(axes, name):
-                    for s in spec.slots[p]:
-                        if s.param == name:
-                            x = map_axis(x, s, maps[k][p])
+                for axis in range(x.dim()):
+                    for p, s in table.get((name, axis), ()):
+                        x = map_axis(x, s, maps[k][p])
             acc = w[k] * x if acc is None else acc + w[k] * x
         fused[name] = acc.to(ref.dtype) if acc.is_floating_point() else ref.clone()
         if fused[name].shape != ref.shape:
@@ -183,19 +205,71 @@ def ot_fusion(models: Sequence, *, spec: PermutationSpec | None = None, mode: st
     return fused
 
 
-def _perms_of(axes: dict, param: str) -> list[str]:
-    return [a for a in axes.get(param, ()) if a is not None]
+def _param_perms(table: dict, param: str) -> set[str]:
+    return {p for (name, _), entries in table.items() if name == param for p, _ in entries}
 
 
-def _mapped(x: torch.Tensor, spec: PermutationSpec, axes: dict, slot, maps: dict, skip: str) -> torch.Tensor:
-    """``x`` with the maps of already-aligned permutations applied on its other axes."""
-    for q in _perms_of(axes, slot.param):
-        if q == skip:
-            continue
-        for s in spec.slots[q]:
-            if s.param == slot.param:
-                x = map_axis(x, s, maps[q])
+def _mapped(x: torch.Tensor, table: dict, slot, maps: dict) -> torch.Tensor:
+    """``x`` with the maps of already-transported permutations applied on its axes other than ``slot.axis``."""
+    for axis in range(x.dim()):
+        if axis != slot.axis:
+            for p, s in table.get((slot.param, axis), ()):
+                if p in maps:
+                    x = map_axis(x, s, maps[p])
     return x
+
+
+def _head_groups(spec: PermutationSpec, where: str) -> dict[str, tuple[str, ...]]:
+    """Attention-head permutation → its per-head dimension permutations (copies sharing its weights); every
+    other permutation must act on whole axes."""
+    groups = {}
+    for p in spec.head_dims:
+        params = {s.param for s in spec.slots[p]}
+        groups[p] = tuple(q for q in spec.perm_sizes if spec.copies.get(q, 1) > 1
+                          and any(s.param in params for s in spec.slots[q]))
+    grouped = set(groups) | {q for dims in groups.values() for q in dims}
+    for p, slots in spec.slots.items():
+        if p not in grouped and (spec.copies.get(p, 1) > 1 or any(s.start or s.outer != 1 for s in slots)):
+            raise ConfigError(f"{where}: permutation {p!r} acts on a window or per copy but belongs to no attention "
+                              f"head group; OT fusion supports MLP, VGG, ResNet and GPT-2 / Llama specs")
+    return groups
+
+
+def _head_maps(spec: PermutationSpec, table: dict, heads: str, dims: tuple[str, ...], target_sd, model_sd,
+               maps: dict, backend) -> dict[str, torch.Tensor]:
+    """Exact transport of one layer's heads and their per-head dimensions (module docstring), as one-hot maps."""
+    G = spec.perm_sizes[heads]
+    total = torch.zeros(G, G, dtype=torch.float64)
+    covered = set()
+    sigmas = {}
+    for q in dims:
+        c, d = spec.copies[q], spec.perm_sizes[q]
+        if c != G:
+            raise ConfigError(f"ot_fusion: {q!r} has {c} copies for {G} heads of {heads!r}")
+        cost = torch.zeros(G, G, d, d, dtype=torch.float64)
+        for s in spec.slots[q]:
+            covered.add((s.param, s.axis, s.start))
+            t = slot_view(target_sd[s.param].double(), s, d, c)
+            x = slot_view(_mapped(model_sd[s.param].double(), table, s, maps), s, d, c)
+            cost += ops.cost_matrix(t.reshape(G * d, -1), x.reshape(G * d, -1), metric="sqeuclidean",
+                                    backend=backend).reshape(G, d, G, d).permute(0, 2, 1, 3)
+        _, sigma = ops.linear_assignment(cost.reshape(G * G, d, d), backend=backend)  # [G·G, d]
+        total += cost.reshape(G * G, d, d).gather(-1, sigma[..., None]).sum((1, 2)).reshape(G, G)
+        sigmas[q] = sigma.reshape(G, G, d)
+    for s in spec.slots[heads]:
+        if (s.param, s.axis, s.start) in covered or s.param.endswith(("running_mean", "running_var")):
+            continue
+        t = slot_view(target_sd[s.param].double(), s, G, 1)[0]
+        x = slot_view(_mapped(model_sd[s.param].double(), table, s, maps), s, G, 1)[0]
+        total += ops.cost_matrix(t, x, metric="sqeuclidean", backend=backend)
+    _, pairing = ops.linear_assignment(total, backend=backend)
+    pairing = pairing.long()
+    out = {heads: one_hot(pairing)}
+    for q, sigma in sigmas.items():
+        per_copy = torch.empty(G, spec.perm_sizes[q], dtype=torch.int64)
+        per_copy[pairing] = sigma[torch.arange(G), pairing]
+        out[q] = one_hot(per_copy)
+    return out
 
 
 def _target_width(spec: PermutationSpec, p: str, target_sd) -> int:

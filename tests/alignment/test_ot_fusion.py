@@ -65,3 +65,44 @@ def test_validation():
         ot_fusion([a])
     with pytest.raises(ConfigError, match="batches"):
         ot_fusion([a, b], mode="activations")
+
+
+@pytest.mark.parametrize("case", ["gpt2", "llama_gqa", "llama_mha"])
+@pytest.mark.parametrize("exact", [True, False])
+def test_transformer_fusion_of_a_permuted_copy_is_the_model(case, exact):
+    """Residual stream, FFN (exact or entropic) and heads with their per-head dims (exact) are transported
+    back: fusing a model with a permuted copy of itself gives the model, outputs included."""
+    from test_permutation_spec import CASES as MODELS, outputs
+
+    make, build, inputs = MODELS[case]
+    model = make()
+    spec = build(model)
+    sd = model.state_dict()
+    permuted = apply_permutation(spec, sd, spec.random(seed=3))
+    fused = ot_fusion([sd, permuted], spec=spec, exact=exact, reg=1e-3)
+    for k, v in sd.items():
+        torch.testing.assert_close(fused[k], v, atol=1e-6, rtol=1e-6, msg=lambda m: f"{k}: {m}")
+    other = copy.deepcopy(model)
+    other.load_state_dict(fused)
+    x = inputs()
+    torch.testing.assert_close(outputs(other, x), outputs(model, x), atol=1e-5, rtol=1e-5)
+
+
+def test_transformer_fusion_onto_a_narrower_ffn_and_residual():
+    """Llama (GQA) fused onto a target with a narrower FFN and residual stream (same heads and head_dim)."""
+    transformers = pytest.importorskip("transformers")
+
+    def llama(hidden, ffn, seed):
+        cfg = transformers.LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                       head_dim=8, hidden_size=hidden, intermediate_size=ffn, vocab_size=40,
+                                       tie_word_embeddings=False)
+        torch.manual_seed(seed)
+        return transformers.LlamaForCausalLM(cfg).eval()
+
+    a, b, narrow = llama(32, 48, 0), llama(32, 48, 1), llama(24, 32, 2)
+    from fusion_engine.alignment import transformer_permutation_spec
+
+    fused = ot_fusion([a, b], spec=transformer_permutation_spec(a), target=narrow.state_dict(), reg=0.05)
+    narrow.load_state_dict(fused)
+    with torch.no_grad():
+        assert bool(torch.isfinite(narrow(torch.randint(0, 40, (2, 7))).logits).all())

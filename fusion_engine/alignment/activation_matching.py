@@ -15,10 +15,10 @@ Attention heads (a spec's ``head_dims``): the input of the output projection hol
 key/value head g. With C the cross-correlation of A's and B's features viewed as
 ``[G, r, d] × [G, r, d]``, the score of A's group g against B's group g' is
 
-.. math::  V_{gg'} = \max_{\sigma} \sum_{q < r} \sum_{k < d} C_{(g,q,k),(g',q,\sigma(k))}
+.. math::  V_{gg'} = \\max_{\\sigma} \\sum_{q < r} \\sum_{k < d} C_{(g,q,k),(g',q,\\sigma(k))}
 
 (one batched d × d assignment for all G² pairs; the identity σ when the spec does not permute head
-dimensions), and the heads are the assignment maximising :math:`\sum_g V_{g\pi(g)}`; B's head
+dimensions), and the heads are the assignment maximising :math:`\\sum_g V_{g\\pi(g)}`; B's head
 π(g) gets the dimension permutation σ of the pair (g, π(g)). GPT-2's query/key dimensions are left
 as they are (attention scores are invariant to them; weight matching aligns them).
 

@@ -1,13 +1,18 @@
 """Alignment inside the checkpoint merge: permute HF checkpoints onto a reference before merging (the YAML's
-``alignment: weight_matching``).
+``alignment: weight_matching`` or ``alignment: {method: activation_matching, data: prompts.txt}``).
 
 For every model other than the reference (the base model, else the first), the permutations of a
 transformer spec (GPT-2 or Llama names; heads, GQA groups, per-head value dims, FFN, residual stream)
-are found by weight matching against the reference, and the model is wrapped so that every tensor
-read during the streamed merge comes out permuted (:class:`PermutedCheckpoint`): one gather per
-permuted axis, per tensor, as it is read. Weight matching itself needs every tensor of the spec of
-both models at once (the residual-stream permutation couples all layers); they are memory-mapped
-from the checkpoints (:meth:`Checkpoint.load`), not copied.
+are found against the reference, and the model is wrapped so that every tensor read during the
+streamed merge comes out permuted (:class:`PermutedCheckpoint`): one gather per permuted axis, per
+tensor, as it is read.
+
+* Weight matching needs every tensor of the spec of both models at once (the residual-stream
+  permutation couples all layers); they are memory-mapped from the checkpoints
+  (:meth:`Checkpoint.load`), not copied.
+* Activation matching runs both models (``transformers`` ``AutoModelForCausalLM``, fp32, CPU) on the
+  prompts, tokenized with the reference's tokenizer (:func:`fusion_engine.io.prompts.load_token_ids`),
+  streaming the activation statistics over batches of 8 sequences.
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ import torch
 from ..errors import CheckpointError
 from .builders import transformer_permutation_spec
 from .spec import PermutationSpec, permute_tensor
+from .activation_matching import activation_matching
 from .weight_matching import weight_matching
 
-METHODS = ("weight_matching",)
+METHODS = ("weight_matching", "activation_matching")
+BATCH = 8  # sequences per forward pass of activation matching
 
 
 class PermutedCheckpoint:
@@ -54,16 +61,36 @@ def checkpoint_spec(checkpoint) -> PermutationSpec:
                                         n_kv_heads=cfg.get("num_key_value_heads"))
 
 
-def align_checkpoints(method: str, reference: str, checkpoints: Mapping[str, object]) -> dict[str, object]:
+def _causal_lm(checkpoint):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(checkpoint.directory, dtype=torch.float32).eval()
+    except (OSError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"alignment: {checkpoint.path} cannot be loaded as a causal LM by transformers "
+                              f"({exc}); activation matching runs the models") from exc
+
+
+def align_checkpoints(method: str, reference: str, checkpoints: Mapping[str, object], *,
+                      data: str | None = None) -> dict[str, object]:
     """``checkpoints`` with every model but ``reference`` wrapped in a :class:`PermutedCheckpoint` aligning it
-    to the reference by ``method`` (``"weight_matching"``)."""
+    to the reference by ``method`` (``"weight_matching"``, or ``"activation_matching"`` on the prompts file
+    ``data``)."""
     if method not in METHODS:
-        raise CheckpointError(f"alignment: {method!r} is not available in a merge config; use one of {METHODS} "
-                              f"(activation matching needs model inputs: align in Python with "
-                              f"fusion_engine.alignment.activation_matching and merge the aligned checkpoint)")
+        raise CheckpointError(f"alignment: {method!r} is not available in a merge config; use one of {METHODS}")
+    if method == "activation_matching" and data is None:
+        raise CheckpointError("alignment: activation_matching needs a prompts file (alignment: {method: "
+                              "activation_matching, data: prompts.txt})")
     ref = checkpoints[reference]
     spec = checkpoint_spec(ref)
-    ref_weights = {k: ref.load(k) for k in spec.param_shapes}
+    if method == "weight_matching":
+        ref_weights = {k: ref.load(k) for k in spec.param_shapes}
+    else:
+        from ..io.prompts import load_token_ids
+
+        ids = load_token_ids(data, ref.directory)
+        batches = [ids[i:i + BATCH] for i in range(0, len(ids), BATCH)]
+        ref_model = _causal_lm(ref)
     out = dict(checkpoints)
     for key, ck in checkpoints.items():
         if key == reference:
@@ -72,6 +99,10 @@ def align_checkpoints(method: str, reference: str, checkpoints: Mapping[str, obj
             if k not in ck or tuple(ck.info(k).shape) != shape:
                 raise CheckpointError(f"alignment: model {key!r} has no tensor {k!r} of shape {list(shape)} like the "
                                       f"reference {reference!r}; alignment needs models of one architecture")
-        perms = weight_matching(spec, ref_weights, {k: ck.load(k) for k in spec.param_shapes})
+        if method == "weight_matching":
+            perms = weight_matching(spec, ref_weights, {k: ck.load(k) for k in spec.param_shapes})
+        else:
+            model = _causal_lm(ck)
+            perms = activation_matching(transformer_permutation_spec(model), ref_model, model, batches)
         out[key] = PermutedCheckpoint(ck, spec, perms)
     return out

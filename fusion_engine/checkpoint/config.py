@@ -50,7 +50,7 @@ DTYPES = {
 }
 TOP_LEVEL_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
                   "tokenizer_source", "name", "lines", "alignment")
-ALIGNMENTS = ("weight_matching",)  # alignment: permute the models onto the reference before merging
+ALIGNMENTS = ("weight_matching", "activation_matching")  # permute the models onto the reference before merging
 UNSUPPORTED_KEYS = {
     "modules": "write the merge with top-level `models:` or `slices:`",
     "tokenizer": "use `tokenizer_source: base` (or a model path) instead of a `tokenizer:` block",
@@ -114,6 +114,7 @@ class MergeConfig:
     out_dtype: torch.dtype | None
     tokenizer_source: str | None
     alignment: str | None = None
+    alignment_data: str | None = None  # prompts (or token ids) file for alignment: activation_matching
     filename: str = "config.yaml"
     base_dir: str = "."
     path: str | None = None  # the file it was read from (copied to the output as mergekit_config.yml)
@@ -377,16 +378,12 @@ def parse_config(text: str, filename: str = "config.yaml", base_dir: str = ".") 
             raise doc.error(top["tokenizer_source"][1], "tokenizer_source: union (a merged vocabulary) is not "
                             "supported", "use tokenizer_source: base, or a model whose tokenizer all models share")
     lines_scaling = _lines_scaling(doc, top["lines"][1]) if "lines" in top else None
-    alignment = doc.string(top["alignment"][1], "alignment") if "alignment" in top else None
-    if alignment is not None and alignment not in ALIGNMENTS:
-        raise doc.error(top["alignment"][1], f"alignment: {alignment} is not available in a merge config",
-                        f"use alignment: {' | '.join(ALIGNMENTS)} (activation matching needs model inputs: align in "
-                        f"Python with fusion_engine.alignment and merge the aligned checkpoint)")
+    alignment, alignment_data = _alignment(doc, top["alignment"][1], base_dir) if "alignment" in top else (None, None)
     if alignment is not None and slices is not None:
         raise doc.error(top["alignment"][0], "alignment works on whole models", "list the models under 'models:'")
     return MergeConfig(merge_method=method, base_model=base_model, models=models, slices=slices,
                        parameters=parameters, dtype=dtype, out_dtype=out_dtype, tokenizer_source=tokenizer_source,
-                       alignment=alignment,
+                       alignment=alignment, alignment_data=alignment_data,
                        filename=filename, base_dir=base_dir, text=text, lines=lines, lines_scaling=lines_scaling)
 
 
@@ -399,6 +396,28 @@ def _lines_scaling(doc: _Doc, node: yaml.Node) -> tuple[float, float]:
         return check_lines(doc.value(entries["alpha"][1]), doc.value(entries["beta"][1]))
     except ConfigError as exc:
         raise doc.error(node, str(exc)) from None
+
+
+def _alignment(doc: _Doc, node: yaml.Node, base_dir: str) -> tuple[str, str | None]:
+    """``alignment: weight_matching`` or ``alignment: {method: activation_matching, data: prompts.txt}``."""
+    data_node = None
+    if isinstance(node, yaml.MappingNode):
+        entries = doc.mapping(node, "alignment", ("method", "data"), required=("method",))
+        method_node, data_node = entries["method"][1], entries.get("data", (None, None))[1]
+    else:
+        method_node = node
+    method = doc.string(method_node, "alignment")
+    if method not in ALIGNMENTS:
+        raise doc.error(method_node, f"alignment: {method} is not available in a merge config",
+                        f"use one of {', '.join(ALIGNMENTS)}")
+    data = doc.string(data_node, "alignment data") if data_node is not None else None
+    if method == "activation_matching" and data is None:
+        raise doc.error(node, "alignment: activation_matching needs model inputs",
+                        "write alignment: {method: activation_matching, data: prompts.txt} (one prompt per line, "
+                        "JSONL, or a tensor file of input_ids)")
+    if data is not None and not os.path.isabs(data):
+        data = os.path.join(base_dir, data)
+    return method, data
 
 
 def _model_entry(doc: _Doc, node: yaml.Node) -> SliceSource:

@@ -319,7 +319,7 @@ def run_plan(plan: MergePlan, out_dir: str | os.PathLike, *, device: str | torch
         sources = ckpts
         if plan.alignment:  # every model permuted onto the reference as it is read
             from ..alignment.checkpoints import align_checkpoints
-            sources = align_checkpoints(plan.alignment, _reference_model(plan), ckpts)
+            sources = align_checkpoints(plan.alignment, _reference_model(plan), ckpts, data=plan.alignment_data)
         with atomic_output_dir(out_dir, allow_overwrite) as tmp:
             with ShardedWriter(tmp, layout) as writer:
                 stream_jobs(jobs, sources, writer, device, max_in_flight, quiet)

@@ -72,3 +72,4 @@ class MergePlan:
     extra_files: dict[str, str] = field(default_factory=dict)  # output file name -> source path (tokenizer, ...)
     default_out_dtype: torch.dtype | None = None
     alignment: str | None = None  # permute every model onto the reference before merging (alignment.checkpoints)
+    alignment_data: str | None = None  # the model inputs of alignment: activation_matching

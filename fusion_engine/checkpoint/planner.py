@@ -348,7 +348,8 @@ class Planner:
         return MergePlan(models=dict(self.paths), tasks=tasks,
                          config_json=self._config_json(ref_model, out_layer),
                          extra_files=self._extra_files(ref_model),
-                         default_out_dtype=cfg.out_dtype or cfg.dtype, alignment=cfg.alignment)
+                         default_out_dtype=cfg.out_dtype or cfg.dtype, alignment=cfg.alignment,
+                         alignment_data=cfg.alignment_data)
 
     def _lines(self, tasks: list[TensorTask], layer_prefix: str | None, num_layers: int) -> None:
         """LiNeS: each task's depth factor, from the output layer in its name (α outside the layers)."""

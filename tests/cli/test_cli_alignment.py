@@ -1,8 +1,9 @@
-"""``alignment: weight_matching`` in a merge config: HF checkpoints permuted onto the reference while streaming.
+"""``alignment:`` in a merge config: HF checkpoints permuted onto the reference while streaming.
 
 A planted case (B is a permuted copy of A: the aligned linear merge is A itself) and two independently
 initialised Llama models with grouped-query attention (the output equals the in-memory
-``interpolate(A, apply_permutation(B, weight_matching(A, B)))``).
+``interpolate(A, apply_permutation(B, weight_matching(A, B)))``), for weight matching and for
+activation matching on a token-id file.
 """
 
 from __future__ import annotations
@@ -12,7 +13,13 @@ import os
 import pytest
 import torch
 
-from fusion_engine.alignment import apply_permutation, interpolate, transformer_permutation_spec, weight_matching
+from fusion_engine.alignment import (
+    activation_matching,
+    apply_permutation,
+    interpolate,
+    transformer_permutation_spec,
+    weight_matching,
+)
 
 from cli_fixtures import load_dir, run_cli, scratch, write
 
@@ -38,6 +45,7 @@ def models():
 
 
 def merge(a_path, b_path, alignment="weight_matching"):
+    """Run ``fusion-engine merge`` on a linear 50/50 merge of the two models with ``alignment:``."""
     folder = scratch("align_merge")
     cfg = write(folder, "config.yaml", f"""merge_method: linear
 alignment: {alignment}
@@ -77,3 +85,39 @@ def test_unknown_alignment_is_a_config_error(models, capsys):
     rc, _ = merge(a_path, b_path, alignment="zipit")
     assert rc != 0
     assert "alignment: zipit is not available" in capsys.readouterr().err
+
+
+def token_file():
+    folder = scratch("tokens")
+    path = os.path.join(folder, "ids.pt")
+    torch.save({"input_ids": torch.randint(0, 16, (16, 12), generator=torch.Generator().manual_seed(0))}, path)
+    return path
+
+
+def test_activation_matching_from_a_config(models):
+    spec, sa, sc, a_path, b_path, c_path = models
+    data = token_file()
+    alignment = f"{{method: activation_matching, data: {data}}}"
+    rc, out = merge(a_path, b_path, alignment=alignment)
+    assert rc == 0
+    merged = load_dir(out)
+    for k in merged:
+        torch.testing.assert_close(merged[k], sa[k], atol=1e-6, rtol=1e-6, msg=lambda m: f"{k}: {m}")
+    rc, out = merge(a_path, c_path, alignment=alignment)
+    assert rc == 0
+    a, c = make_lm(seed=0), make_lm(seed=1)
+    a.load_state_dict(sa)
+    c.load_state_dict(sc)
+    ids = torch.load(data)["input_ids"]
+    perms = activation_matching(transformer_permutation_spec(a), a, c, [ids[i:i + 8] for i in range(0, 16, 8)])
+    expected = interpolate(sa, apply_permutation(spec, sc, perms), 0.5)
+    merged = load_dir(out)
+    for k in merged:
+        torch.testing.assert_close(merged[k], expected[k], atol=1e-6, rtol=1e-6, msg=lambda m: f"{k}: {m}")
+
+
+def test_activation_matching_without_data_is_a_config_error(models, capsys):
+    _, _, _, a_path, b_path, _ = models
+    rc, _ = merge(a_path, b_path, alignment="activation_matching")
+    assert rc != 0
+    assert "needs model inputs" in capsys.readouterr().err

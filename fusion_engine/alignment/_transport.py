@@ -8,16 +8,20 @@ from ..errors import ConfigError
 from .spec import AxisSlot, PermutationSpec
 
 
-def check_plain(spec: PermutationSpec, where: str):
-    """Soft maps need plain slots: the whole axis, one block, one copy (MLP, VGG, ResNet specs)."""
+def head_groups(spec: PermutationSpec, where: str) -> dict[str, tuple[str, ...]]:
+    """Attention-head permutation → its per-head dimension permutations (copies sharing its weights); every
+    other permutation must act on whole axes."""
+    groups = {}
+    for p in spec.head_dims:
+        params = {s.param for s in spec.slots[p]}
+        groups[p] = tuple(q for q in spec.perm_sizes if spec.copies.get(q, 1) > 1
+                          and any(s.param in params for s in spec.slots[q]))
+    grouped = set(groups) | {q for dims in groups.values() for q in dims}
     for p, slots in spec.slots.items():
-        if spec.copies.get(p, 1) > 1:
-            raise ConfigError(f"{where}: permutation {p!r} is a per-head (batched) permutation; {where} supports "
-                              f"specs whose permutations act on whole axes (MLP, VGG, ResNet)")
-        for s in slots:
-            if s.start or s.outer != 1:
-                raise ConfigError(f"{where}: permutation {p!r} acts on a window of {s.param!r}; {where} supports "
-                                  f"specs whose permutations act on whole axes (MLP, VGG, ResNet)")
+        if p not in grouped and (spec.copies.get(p, 1) > 1 or any(s.start or s.outer != 1 for s in slots)):
+            raise ConfigError(f"{where}: permutation {p!r} acts on a window or per copy but belongs to no attention "
+                              f"head group; {where} supports MLP, VGG, ResNet and GPT-2 / Llama specs")
+    return groups
 
 
 def map_axis(w: torch.Tensor, slot: AxisSlot, matrix: torch.Tensor) -> torch.Tensor:

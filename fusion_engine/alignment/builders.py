@@ -282,8 +282,8 @@ def _gpt2_spec(sd, pre: str, n_layers: int, n_heads: int, head_dims: bool) -> Pe
     root = pre[:-len("transformer.")] if pre.endswith("transformer.") else ""
     res = "residual"
     b.perm(res, D)
-    b.on(res, f"{pre}wte.weight", 1)
-    b.on(res, f"{pre}wpe.weight", 1)
+    b.on(res, f"{pre}wte.weight", 1, reads=False)
+    b.on(res, f"{pre}wpe.weight", 1, reads=False)
     for i in range(n_layers):
         h = f"{pre}h.{i}."
         if f"{h}attn.c_attn.weight" not in sd:
@@ -292,34 +292,34 @@ def _gpt2_spec(sd, pre: str, n_layers: int, n_heads: int, head_dims: bool) -> Pe
             b.on(res, f"{h}{ln}.weight", 0)
             b.on(res, f"{h}{ln}.bias", 0)
         qkv, qkv_b, proj = f"{h}attn.c_attn.weight", f"{h}attn.c_attn.bias", f"{h}attn.c_proj.weight"
-        b.on(res, qkv, 0)
-        b.on(res, proj, 1)
+        b.on(res, qkv, 0, reads=True)  # Conv1D weights are stored [in, out]
+        b.on(res, proj, 1, reads=False)
         b.on(res, f"{h}attn.c_proj.bias", 0)
         if head_dims:
             qk, v = f"layers.{i}.qk_dims", f"layers.{i}.v_dims"
             b.perm(qk, d, n_heads)
             b.perm(v, d, n_heads)
             for start in (0, D):
-                b.on(qk, qkv, 1, start=start, outer=n_heads)
+                b.on(qk, qkv, 1, start=start, outer=n_heads, reads=False)
                 b.on(qk, qkv_b, 0, start=start, outer=n_heads)
-            b.on(v, qkv, 1, start=2 * D, outer=n_heads)
+            b.on(v, qkv, 1, start=2 * D, outer=n_heads, reads=False)
             b.on(v, qkv_b, 0, start=2 * D, outer=n_heads)
-            b.on(v, proj, 0, outer=n_heads)
+            b.on(v, proj, 0, outer=n_heads, reads=True)
         heads = f"layers.{i}.heads"
         b.perm(heads, n_heads)
         for start in (0, D, 2 * D):
-            b.on(heads, qkv, 1, start=start, inner=d)
+            b.on(heads, qkv, 1, start=start, inner=d, reads=False)
             b.on(heads, qkv_b, 0, start=start, inner=d)
-        b.on(heads, proj, 0, inner=d)
+        b.on(heads, proj, 0, inner=d, reads=True)
         b.site(heads, f"{h}attn.c_proj:input")
         b.head_dims[heads] = f"layers.{i}.v_dims" if head_dims else None
         ffn = f"layers.{i}.ffn"
         b.perm(ffn, sd[f"{h}mlp.c_fc.weight"].shape[1])
-        b.on(ffn, f"{h}mlp.c_fc.weight", 1)
-        b.on(res, f"{h}mlp.c_fc.weight", 0)
+        b.on(ffn, f"{h}mlp.c_fc.weight", 1, reads=False)
+        b.on(res, f"{h}mlp.c_fc.weight", 0, reads=True)
         b.on(ffn, f"{h}mlp.c_fc.bias", 0)
-        b.on(ffn, f"{h}mlp.c_proj.weight", 0)
-        b.on(res, f"{h}mlp.c_proj.weight", 1)
+        b.on(ffn, f"{h}mlp.c_proj.weight", 0, reads=True)
+        b.on(res, f"{h}mlp.c_proj.weight", 1, reads=False)
         b.on(res, f"{h}mlp.c_proj.bias", 0)
         b.site(res, f"{h[:-1]}")
         b.site(ffn, f"{h}mlp.c_proj:input")
@@ -338,7 +338,7 @@ def _llama_spec(sd, pre: str, n_layers: int, n_heads: int, n_kv: int, head_dims:
     root = pre[:-len("model.")] if pre.endswith("model.") else ""
     res = "residual"
     b.perm(res, D)
-    b.on(res, f"{pre}embed_tokens.weight", 1)
+    b.on(res, f"{pre}embed_tokens.weight", 1, reads=False)
     for i in range(n_layers):
         h = f"{pre}layers.{i}."
         a = f"{h}self_attn."

@@ -39,7 +39,7 @@ from torch import nn
 
 from ..errors import ConfigError, ShapeMismatchError
 from .. import ops
-from ._transport import map_axis, one_hot, unit_rows
+from ._transport import head_groups, map_axis, one_hot, unit_rows
 from .activation_matching import unit_statistics
 from .builders import infer_permutation_spec
 from .spec import PermutationSpec
@@ -106,7 +106,7 @@ def ot_fusion(models: Sequence, *, spec: PermutationSpec | None = None, mode: st
         if not isinstance(models[0], nn.Module):
             raise ConfigError(f"{where}: pass spec= when the models are state dicts")
         spec = infer_permutation_spec(models[0])
-    groups = _head_groups(spec, where)
+    groups = head_groups(spec, where)
     if groups and mode != "weights":
         raise ConfigError(f"{where}: transformer specs (attention heads) are fused with mode='weights'")
     sds = [_sd(m) for m in models]
@@ -217,22 +217,6 @@ def _mapped(x: torch.Tensor, table: dict, slot, maps: dict) -> torch.Tensor:
                 if p in maps:
                     x = map_axis(x, s, maps[p])
     return x
-
-
-def _head_groups(spec: PermutationSpec, where: str) -> dict[str, tuple[str, ...]]:
-    """Attention-head permutation → its per-head dimension permutations (copies sharing its weights); every
-    other permutation must act on whole axes."""
-    groups = {}
-    for p in spec.head_dims:
-        params = {s.param for s in spec.slots[p]}
-        groups[p] = tuple(q for q in spec.perm_sizes if spec.copies.get(q, 1) > 1
-                          and any(s.param in params for s in spec.slots[q]))
-    grouped = set(groups) | {q for dims in groups.values() for q in dims}
-    for p, slots in spec.slots.items():
-        if p not in grouped and (spec.copies.get(p, 1) > 1 or any(s.start or s.outer != 1 for s in slots)):
-            raise ConfigError(f"{where}: permutation {p!r} acts on a window or per copy but belongs to no attention "
-                              f"head group; OT fusion supports MLP, VGG, ResNet and GPT-2 / Llama specs")
-    return groups
 
 
 def _head_maps(spec: PermutationSpec, table: dict, heads: str, dims: tuple[str, ...], target_sd, model_sd,

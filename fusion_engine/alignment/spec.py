@@ -31,7 +31,12 @@ BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 @dataclass(frozen=True)
 class AxisSlot:
-    """Where a permutation acts: ``param``'s ``axis``, window ``[start, start + outer·n·inner)``."""
+    """Where a permutation acts: ``param``'s ``axis``, window ``[start, start + outer·n·inner)``.
+
+    ``reads`` says whether the tensor reads the units on this axis (an input axis) or writes them
+    (an output); None means the usual layout, axis 0 written and other axes read (Linear, Conv,
+    norms, biases). Only merges that are not permutations (ZipIt!) need it.
+    """
 
     param: str
     axis: int
@@ -39,6 +44,11 @@ class AxisSlot:
     outer: int = 1
     inner: int = 1
     repeat: int = 1
+    reads: bool | None = None
+
+    @property
+    def is_input(self) -> bool:
+        return self.axis != 0 if self.reads is None else self.reads
 
 
 @dataclass(frozen=True)

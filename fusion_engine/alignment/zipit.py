@@ -20,6 +20,13 @@ The greedy matching runs in rounds: every unmatched pair that is each other's be
 at once (these are exactly the pairs the one-at-a-time greedy picks, barring ties), so a round is a
 few tensor operations, not a loop over units.
 
+Transformers (GPT-2 / Llama specs): the residual stream and each FFN are zipped as above (the norms'
+parameters are merged like the features they scale); attention heads are zipped one to one across
+the models, A's head g with B's head π(g) and its value dimensions by σ, π and σ from activation
+matching's joint head/dimension assignment (merging two heads of one model is not defined: the
+softmax of each head mixes its own dimensions). A transformer is zipped whole (the residual stream
+runs through every layer).
+
 Reference: Stoica, Bolya, Bjorner, Ramesh, Hearn & Hoffman, "ZipIt! Merging Models from Different
 Tasks without Training", ICLR 2024.
 """
@@ -33,8 +40,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ._transport import check_plain, map_axis
-from .activation_matching import unit_statistics
+from ._transport import head_groups, map_axis, one_hot
+from .activation_matching import match_heads, unit_statistics
 from .builders import infer_permutation_spec
 from .spec import PermutationSpec
 
@@ -75,6 +82,29 @@ def greedy_feature_matching(corr: torch.Tensor, n_models: int = 2, *, within_mod
     return torch.cat(pairs)
 
 
+def _head_merges(spec: PermutationSpec, heads: str, stats) -> dict:
+    """Merge/unmerge matrices of one layer's heads and per-head dims: A's head g and B's head π(g) (dims
+    by σ) averaged, π and σ from :func:`match_heads`; the ½ sits on the heads (dims share their axis)."""
+    dims = spec.head_dims[heads]
+    G = spec.perm_sizes[heads]
+    pairing, sigma = match_heads(stats.block(stats.correlation(), 0, 1), G,
+                                 spec.perm_sizes[dims] if dims else None)
+    out = {heads: _one_to_one(one_hot(pairing), 0.5)}
+    if dims:
+        out[dims] = _one_to_one(one_hot(sigma), 1.0)
+    for q in head_groups(spec, "zipit")[heads]:
+        if q != dims:  # GPT-2's query/key dims: activation matching leaves them as they are
+            eye = torch.eye(spec.perm_sizes[q], dtype=torch.float64).expand(spec.copies[q], -1, -1)
+            out[q] = _one_to_one(eye, 1.0)
+    return out
+
+
+def _one_to_one(p_b: torch.Tensor, weight: float):
+    """``((M_a, M_b), (U_a, U_b))`` of a one-to-one merge: merged i = weight·(a_i + b_{π(i)})."""
+    eye = torch.eye(p_b.shape[-1], dtype=torch.float64).expand_as(p_b)
+    return (weight * eye, weight * p_b), (eye, p_b.transpose(-1, -2))
+
+
 def merge_unmerge(pairs: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge ``M [n, 2n]`` (0.5 at both members of each pair) and unmerge ``U [2n, n]`` (1 at each member)."""
     m = torch.zeros(n, 2 * n, dtype=torch.float64)
@@ -94,8 +124,8 @@ def zipit(model_a: nn.Module, model_b: nn.Module, batches: Iterable, *, spec: Pe
     ----------
     model_a, model_b : the models (not modified)
     batches : inputs to compute feature correlations on (see :func:`unit_statistics`)
-    spec : their :class:`PermutationSpec` (default: inferred); permutations must act on whole axes
-        (MLP, VGG, ResNet specs). The output axis of a weight is its axis 0 (Linear, Conv, norms).
+    spec : their :class:`PermutationSpec` (default: inferred): MLP, VGG, ResNet or GPT-2 / Llama (GQA)
+        specs; which axes a tensor reads and writes comes from the slots (:attr:`AxisSlot.is_input`).
     stop_at : None zips every permutation; a permutation name zips ``spec.layer_order`` up to and
         including it; an int zips that many permutations of ``spec.layer_order``. The zipped set
         must be closed: no zipped permutation may be written by a layer that reads an unzipped one.
@@ -111,7 +141,10 @@ def zipit(model_a: nn.Module, model_b: nn.Module, batches: Iterable, *, spec: Pe
     where = "zipit"
     batches = list(batches)
     spec = infer_permutation_spec(model_a) if spec is None else spec
-    check_plain(spec, where)
+    groups = head_groups(spec, where)
+    if groups and stop_at is not None:
+        raise ConfigError(f"{where}: a transformer's residual stream runs through every layer, so it is zipped "
+                          f"whole; leave stop_at=None")
     order = list(spec.layer_order)
     if stop_at is None:
         zipped = order
@@ -124,17 +157,27 @@ def zipit(model_a: nn.Module, model_b: nn.Module, batches: Iterable, *, spec: Pe
             raise ConfigError(f"{where}: stop_at={stop_at!r} is not a permutation of the spec ({order})")
         zipped = order[:order.index(stop_at) + 1]
     zipped_set = set(zipped)
-    axes = spec.axes_to_perm
-    for name, per_axis in axes.items():
-        out = per_axis[0]
-        ins = [a for a in per_axis[1:] if a is not None]
-        if out in zipped_set and any(q not in zipped_set for q in ins):
-            raise ConfigError(f"{where}: {name!r} writes zipped {out!r} but reads unzipped "
-                              f"{[q for q in ins if q not in zipped_set]}; choose stop_at at a layer boundary "
+    table = spec.axis_perms()
+    writes: dict[str, set[str]] = {}
+    reads: dict[str, set[str]] = {}
+    for (name, _), entries in table.items():
+        for q, s in entries:
+            (reads if s.is_input else writes).setdefault(name, set()).add(q)
+    for name in writes:
+        out, ins = writes[name], reads.get(name, set())
+        if out & zipped_set and ins - zipped_set:
+            raise ConfigError(f"{where}: {name!r} writes zipped {sorted(out & zipped_set)} but reads unzipped "
+                              f"{sorted(ins - zipped_set)}; choose stop_at at a layer boundary "
                               f"(e.g. the end of a ResNet stage)")
-    stats = unit_statistics(spec, [model_a, model_b], batches, perms=zipped)
+    in_groups = {q for dims in groups.values() for q in dims}
+    stats = unit_statistics(spec, [model_a, model_b], batches, perms=[p for p in zipped if p not in in_groups])
     mats = {}
     for p in zipped:
+        if p in in_groups:
+            continue
+        if p in groups:  # heads are zipped one to one, across the models (module docstring)
+            mats.update(_head_merges(spec, p, stats[p]))
+            continue
         if p not in stats:
             raise ConfigError(f"{where}: permutation {p!r} has no activation site; build the spec from the module")
         n = spec.perm_sizes[p]
@@ -145,25 +188,21 @@ def zipit(model_a: nn.Module, model_b: nn.Module, batches: Iterable, *, spec: Pe
     heads = [dict(), dict()]
     merged = {}
     for name, ref in sds[0].items():
-        per_axis = axes.get(name)
-        if per_axis is None or not ref.is_floating_point() or not any(q in zipped_set for q in per_axis if q):
+        touched = writes.get(name, set()) | reads.get(name, set())
+        if not ref.is_floating_point() or not touched & zipped_set:
             for k in (0, 1):
                 heads[k][name] = sds[k][name]
             continue
         parts = []
         for k in (0, 1):
             x = sds[k][name].double()
-            for q in [a for a in per_axis if a is not None and a in zipped_set]:
-                for s in spec.slots[q]:
-                    if s.param != name:
-                        continue
-                    (m_a, m_b), (u_a, u_b) = mats[q]
-                    if s.axis == 0:
-                        x = map_axis(x, s, (m_a, m_b)[k])
-                    else:
-                        x = map_axis(x, s, (u_a, u_b)[k].T)
+            for axis in range(x.dim()):
+                for q, s in table.get((name, axis), ()):
+                    if q in zipped_set:
+                        (m_a, m_b), (u_a, u_b) = mats[q]
+                        x = map_axis(x, s, (u_a, u_b)[k].transpose(-1, -2) if s.is_input else (m_a, m_b)[k])
             parts.append(x)
-        if per_axis[0] in zipped_set:
+        if writes.get(name, set()) & zipped_set:
             merged[name] = (parts[0] + parts[1]).to(ref.dtype)
         else:  # reads zipped features, writes a model's own: each head keeps its own, reading through U_k
             for k in (0, 1):

@@ -95,3 +95,29 @@ def test_partial_zip_of_a_resnet_at_a_stage_boundary():
         assert part(x).shape == (4, 10)
     with pytest.raises(ConfigError, match="layer boundary"):
         zipit(a, b, [x], stop_at="P_res0")
+
+
+@pytest.mark.parametrize("case", ["gpt2", "llama_gqa", "llama_mha"])
+def test_transformer_zip_of_a_permuted_copy_is_the_model(case):
+    """Residual stream and FFN zipped by greedy matching, heads and per-head value dims one to one across
+    the models (GPT-2's query/key dims are kept, so they are planted as identities): zipping a model with a
+    permuted copy of itself gives the model back, outputs included."""
+    from fusion_engine.alignment import apply_permutation
+
+    from test_permutation_spec import CASES as MODELS, outputs
+
+    make, build, inputs = MODELS[case]
+    model = make()
+    spec = build(model)
+    true = spec.random(seed=4)
+    true.update({p: t.sort(-1).values for p, t in true.items() if p.endswith("qk_dims")})
+    other = copy.deepcopy(model)
+    other.load_state_dict(apply_permutation(spec, model.state_dict(), true))
+    torch.manual_seed(0)
+    zipped = zipit(model, other, [inputs(), inputs()], spec=spec)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(zipped.state_dict()[k], v, atol=1e-6, rtol=1e-6, msg=lambda m: f"{k}: {m}")
+    x = inputs()
+    torch.testing.assert_close(outputs(zipped, x), outputs(model, x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="zipped whole"):
+        zipit(model, other, [inputs()], spec=spec, stop_at=1)

@@ -12,14 +12,15 @@ weight matching                        1.205
 activation matching (all groups)       1.180
 OT fusion, exact                       1.076
 OT fusion, entropic (reg 0.01)         0.993
+ZipIt! (full)                          1.240
 Sinkhorn re-basin, L_mid (30 steps)    1.142
 STE (30 steps)                         0.907
 =====================================  =======
 
 Independently trained transformers are far harder to align than MLPs: weight and activation
 matching remove little of the barrier; layer-wise OT fusion (heads one to one, residual and FFN
-transported) removes 13-20 % of it, and the learned alignment, which optimises the midpoint loss,
-a quarter.
+transported) removes 13-20 % of it, ZipIt! nothing, and the learned alignment, which optimises the
+midpoint loss, a quarter.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from fusion_engine.alignment import (
     interpolate,
     ot_fusion,
     ste_rebasin,
+    zipit,
     transformer_permutation_spec,
     weight_matching,
 )
@@ -87,8 +89,11 @@ def test_barriers_naive_and_aligned(trained):
     fused = copy.deepcopy(a)
     fused.load_state_dict(ot_fusion([a, b], spec=spec, exact=False, reg=0.01))
     ot = lm_loss(fused, data.test) - (lm_loss(a, data.test) + lm_loss(b, data.test)) / 2
+    zipped = lm_loss(zipit(a, b, [data.train[:256, :-1]], spec=spec), data.test)
+    zipped -= (lm_loss(a, data.test) + lm_loss(b, data.test)) / 2
     print(f"naive {naive:.3f}  weight matching {matched:.3f}  activation matching {activations:.3f}  "
-          f"OT fusion {ot:.3f}  STE {ste:.3f}")
+          f"OT fusion {ot:.3f}  ZipIt {zipped:.3f}  STE {ste:.3f}")
+    assert zipped < 1.1 * naive
     assert activations < naive
     assert ot < 0.9 * naive
     assert ste < 0.85 * naive

@@ -60,24 +60,23 @@ dtype: float32
     return run_cli("merge", cfg, out, "--quiet"), out
 
 
-def test_planted_permutation_merges_back_to_the_reference(models):
-    spec, sa, _, a_path, b_path, _ = models
-    rc, out = merge(a_path, b_path)
+def assert_merged(rc, out, expected):
     assert rc == 0
     merged = load_dir(out)
-    for k, v in sa.items():
-        if k in merged:
-            torch.testing.assert_close(merged[k], v, atol=1e-6, rtol=1e-6, msg=lambda m: f"{k}: {m}")
+    assert set(merged) <= set(expected)
+    for k in merged:
+        torch.testing.assert_close(merged[k], expected[k], atol=1e-6, rtol=1e-6, msg=lambda m: f"{k}: {m}")
+
+
+def test_planted_permutation_merges_back_to_the_reference(models):
+    spec, sa, _, a_path, b_path, _ = models
+    assert_merged(*merge(a_path, b_path), sa)
 
 
 def test_independent_models_match_the_python_alignment(models):
     spec, sa, sc, a_path, _, c_path = models
-    rc, out = merge(a_path, c_path)
-    assert rc == 0
     expected = interpolate(sa, apply_permutation(spec, sc, weight_matching(spec, sa, sc)), 0.5)
-    merged = load_dir(out)
-    for k in merged:
-        torch.testing.assert_close(merged[k], expected[k], atol=1e-6, rtol=1e-6, msg=lambda m: f"{k}: {m}")
+    assert_merged(*merge(a_path, c_path), expected)
 
 
 def test_unknown_alignment_is_a_config_error(models, capsys):
@@ -98,22 +97,14 @@ def test_activation_matching_from_a_config(models):
     spec, sa, sc, a_path, b_path, c_path = models
     data = token_file()
     alignment = f"{{method: activation_matching, data: {data}}}"
-    rc, out = merge(a_path, b_path, alignment=alignment)
-    assert rc == 0
-    merged = load_dir(out)
-    for k in merged:
-        torch.testing.assert_close(merged[k], sa[k], atol=1e-6, rtol=1e-6, msg=lambda m: f"{k}: {m}")
-    rc, out = merge(a_path, c_path, alignment=alignment)
-    assert rc == 0
+    assert_merged(*merge(a_path, b_path, alignment=alignment), sa)
     a, c = make_lm(seed=0), make_lm(seed=1)
     a.load_state_dict(sa)
     c.load_state_dict(sc)
     ids = torch.load(data)["input_ids"]
     perms = activation_matching(transformer_permutation_spec(a), a, c, [ids[i:i + 8] for i in range(0, 16, 8)])
     expected = interpolate(sa, apply_permutation(spec, sc, perms), 0.5)
-    merged = load_dir(out)
-    for k in merged:
-        torch.testing.assert_close(merged[k], expected[k], atol=1e-6, rtol=1e-6, msg=lambda m: f"{k}: {m}")
+    assert_merged(*merge(a_path, c_path, alignment=alignment), expected)
 
 
 def test_activation_matching_without_data_is_a_config_error(models, capsys):

@@ -308,7 +308,12 @@ def test_the_command_line_imports_no_torch_until_a_command_needs_it():
             "assert 'torch' not in sys.modules\n"
             "assert callable(fusion_engine.merge_tensors) and fusion_engine.ops.linear_merge\n"
             "assert fusion_engine.backends()['torch'].usable and 'ops' in dir(fusion_engine)\n"
-            "from fusion_engine import merge_state_dicts, methods, BackendStatus\n")
+            "from fusion_engine import merge_state_dicts, methods, BackendStatus\n"
+            "import fusion_engine.data_aware.adamerging\n"  # a submodule named like the function it exports
+            "from fusion_engine.data_aware import adamerging, merge_with_coefficients\n"
+            "assert callable(adamerging) and callable(merge_with_coefficients)\n"
+            "from fusion_engine.moe import build_moe\nfrom fusion_engine.evolve import evolve\n"
+            "from fusion_engine.analysis import analyze\n")
     result = run_python(code)
     assert result.returncode == 0, result.stderr
 

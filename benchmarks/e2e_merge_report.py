@@ -9,7 +9,8 @@ GQA 32/8 heads, untied head: 1.10 B parameters, 2.2 GB) as a base plus ``--model
 * ``fusion-engine merge CONFIG OUT --quiet``;
 * ``mergekit-yaml CONFIG OUT --quiet`` (its defaults: CPU, lazy loading from safetensors).
 
-Wall time is the child's elapsed time; peak RSS is the child's ``ru_maxrss`` (measured by a fresh wrapper
+Every child runs in the temporary folder (cwd), outside the source tree, so it times the installed
+package, as a user runs it. Wall time is the child's elapsed time; peak RSS is the child's ``ru_maxrss`` (measured by a fresh wrapper
 process around each command, so one run never sees another's peak). Inputs were just written, so all three
 read from the page cache alike (the machine has room for them). Both outputs are compared tensor by tensor.
 Prints a markdown table for ``benchmarks/RESULTS.md``; the temp folder is removed afterwards.
@@ -126,13 +127,15 @@ def write_yaml(path: str, base: str, finetunes: list[str]) -> None:
         fh.write("\n".join(lines))
 
 
-def measure(cmd: list[str], env=None) -> dict:
-    out = subprocess.run([sys.executable, "-c", MEASURE, *cmd], capture_output=True, text=True, env=env)
+def measure(cmd: list[str], cwd: str, env=None) -> dict:
+    """Run ``cmd`` in ``cwd`` (a temporary folder, outside the source tree: ``python -m fusion_engine``
+    then imports the installed package, never a checkout's unbuilt ``fusion_engine/``)."""
+    out = subprocess.run([sys.executable, "-c", MEASURE, *cmd], capture_output=True, text=True, env=env, cwd=cwd)
     if out.returncode != 0 or not out.stdout.strip():
         raise RuntimeError(f"measuring {cmd[:4]} failed: {out.stderr[-2000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
     if result["rc"] != 0:
-        rerun = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd)
         raise RuntimeError(f"{' '.join(cmd[:4])} exited with {result['rc']}: {rerun.stderr[-3000:]}")
     return result
 
@@ -167,7 +170,7 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints and outputs")
     args = parser.parse_args(argv)
 
-    root = tempfile.mkdtemp(prefix="fe_e2e_", dir=args.workdir)
+    root = os.path.abspath(tempfile.mkdtemp(prefix="fe_e2e_", dir=args.workdir))
     try:
         start = time.perf_counter()
         paths, n_params = write_models(root, args.size, args.models)
@@ -182,17 +185,17 @@ def main(argv=None) -> int:
 
         rows = {}
         rows["I/O floor"] = measure([sys.executable, "-c", IO_FLOOR, os.pathsep.join(inputs),
-                                     os.path.join(root, "floor.bin"), str(out_bytes)])
+                                     os.path.join(root, "floor.bin"), str(out_bytes)], cwd=root)
         fe_cmd = [sys.executable, "-m", "fusion_engine", "merge", config, os.path.join(root, "out_fe"), "--quiet"]
         if args.device != "cpu":
             fe_cmd += ["--device", args.device]
-        rows["fusion-engine merge"] = measure(fe_cmd)
+        rows["fusion-engine merge"] = measure(fe_cmd, cwd=root)
         if not args.skip_mergekit:
             mk = shutil.which("mergekit-yaml") or os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
             mk_cmd = [mk, config, os.path.join(root, "out_mk"), "--quiet", "--no-copy-tokenizer"]
             if args.device.startswith("cuda"):
                 mk_cmd += ["--cuda"]
-            rows["mergekit-yaml"] = measure(mk_cmd)
+            rows["mergekit-yaml"] = measure(mk_cmd, cwd=root)
 
         floor = rows["I/O floor"]["wall_s"]
         mk = rows.get("mergekit-yaml")

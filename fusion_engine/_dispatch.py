@@ -12,7 +12,11 @@ contiguous tensors, plain Python scalars). This module is the only one that read
   products, the non-finite check: run inside a merge on its behalf) run their torch reference
   when the requested backend has no kernel for them, so ``backend="triton"`` on a merge works;
 * otherwise automatic by the inputs' device: CUDA tensors try triton, then cuda, then torch;
-  CPU tensors try cpp, then torch. A skipped backend is logged at debug level.
+  CPU tensors try cpp, then torch. A skipped backend is logged at debug level; when a compiled
+  backend cannot load at all (``fusion_engine._C`` missing, e.g. an unbuilt source tree on the path)
+  and the automatic choice falls back to torch, a WARNING with the fix is logged once per backend.
+
+:func:`backends_used` counts the calls each backend ran (the command line's summary names them).
 
 Under ``TRITON_INTERPRET=1`` the triton backend also runs on CPU tensors (tests use this), but
 it is never chosen automatically there: ask for it with ``backend="triton"``.
@@ -20,6 +24,7 @@ it is never chosen automatically there: ask for it with ``backend="triton"``.
 
 from __future__ import annotations
 
+import collections
 import functools
 import importlib
 import logging
@@ -62,6 +67,7 @@ class OpKernels:
 
 
 _REGISTRY: dict[str, OpKernels] = {}
+_USED: collections.Counter = collections.Counter()  # backend name -> op calls it ran in this process
 
 
 @dataclass(frozen=True)
@@ -109,6 +115,21 @@ def _probe(name: str) -> BackendStatus:
 def backends() -> dict[str, BackendStatus]:
     """Per backend (triton, cuda, cpp, torch): whether it is usable here and, if not, why."""
     return {name: _probe(name) for name in BACKENDS}
+
+
+def backends_used() -> dict[str, int]:
+    """How many op calls each backend has run in this process."""
+    return dict(_USED)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fallback(name: str, reason: str) -> None:
+    """Once per backend: the automatic choice runs torch because a compiled backend cannot load."""
+    log.warning("the %s backend cannot run (%s): falling back to the torch backend, several times slower "
+                "on large tensors. Fix: install fusion_engine (pip install .) or build the extension in place "
+                "(python setup.py build_ext --inplace), and do not run from a source checkout whose "
+                "fusion_engine/ holds no compiled extension; fusion-engine backends shows the status.",
+                name, reason)
 
 
 def register(op: str, *, torch: Callable, helper: bool = False, **loaders: Loader) -> None:
@@ -186,25 +207,37 @@ def resolve(op: str, device: torch.device, dtype: torch.dtype | None,
             why = f"it has no kernel for {dtype}"
         if not why:
             try:
-                return requested, _load(table, requested)
+                kernel = _load(table, requested)
+                _USED[requested] += 1
+                return requested, kernel
             except (ImportError, AttributeError) as exc:
                 why = f"its kernel module failed to load: {exc}"
         raise BackendUnavailableError(
             f"backend {requested!r} was requested for {op} but cannot run: {why}. "
             f"Use backend=None for the automatic choice (fusion_engine.backends() shows what is usable)."
         )
+    unloadable = []  # compiled backends skipped because they cannot load here
     for name in _AUTO_ORDER.get(device.type, ("torch",)):
-        if not table.has(name):
+        if name == "torch" or not table.has(name):
             continue
         status = _probe(name)
         if not status.usable:
             log.debug("%s: skipping backend %s: %s", op, name, status.reason)
+            unloadable.append((name, status.reason))
             continue
         if dtype is not None and dtype not in BACKEND_DTYPES[name]:
             log.debug("%s: skipping backend %s: no kernel for %s", op, name, dtype)
             continue
         try:
-            return name, _load(table, name)
+            kernel = _load(table, name)
         except (ImportError, AttributeError) as exc:  # an auto choice that fails to load falls back
             log.debug("%s: skipping backend %s: %s", op, name, exc)
+            unloadable.append((name, str(exc)))
+            continue
+        _USED[name] += 1
+        return name, kernel
+    for name, reason in unloadable:
+        if name in ("cpp", "cuda"):  # triton is optional; the compiled extensions are the package's hot paths
+            _warn_fallback(name, reason)
+    _USED["torch"] += 1
     return "torch", table.torch

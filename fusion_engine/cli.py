@@ -1,6 +1,8 @@
-"""The ``fusion-engine`` command.
+"""The ``fusion-engine`` command (and ``fusion-engine-yaml``, mergekit-yaml's command line).
 
-    fusion-engine merge CONFIG OUT_DIR   merge checkpoints as a mergekit YAML config says
+    fusion-engine merge CONFIG OUT_DIR   merge checkpoints as a mergekit YAML config says; takes every
+                                         mergekit-yaml option (see fusion_engine.mergekit_flags)
+    fusion-engine-yaml CONFIG OUT_DIR    the same, as mergekit-yaml's command line
     fusion-engine moe CONFIG OUT_DIR     build a Mixtral / Qwen-MoE model from dense experts (mergekit-moe YAML)
     fusion-engine evolve [CONFIG]        CMA-ES search of a merge recipe (or --example digits)
     fusion-engine demo                   build tiny seeded Llama checkpoints, merge them with `merge`,
@@ -9,25 +11,27 @@
                                          and check each against the torch reference
     fusion-engine backends               which backends can run here, and why not
     fusion-engine evaluate               the merge-method table on scikit-learn's digits; writes
-                                         eval/results.md and eval/barrier.png
+                                         ./fusion-engine-eval/results.md and barrier.png
     fusion-engine measure MODEL --data F Fisher / Gram statistics of a causal LM on local prompts
     fusion-engine analyze                task-vector geometry, interpolation curves, barriers per
                                          layer, CKA and loss planes of models; writes a report
 
 Exit codes: 0 ok; 2 bad arguments or bad input (config, checkpoints, shapes, missing tensors,
-existing output folder), with the message on stderr; 1 any other failure.
+existing output folder), with the message on stderr; 130 interrupted (Ctrl-C); 1 any other failure.
+
+Nothing heavy is imported at module level (torch comes with the first command that needs it), so
+``--help`` answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
 
-import torch
-
-from . import __version__, backends, ops
+from . import __version__
 from .analysis import command as analysis_command
 from .data_aware import command as measure_command
 from .evolve import command as evolve_command
@@ -41,9 +45,11 @@ from .errors import (
     NonFiniteError,
     ShapeMismatchError,
 )
+from .mergekit_flags import add_mergekit_options, configure_logging, resolve_mergekit_options
 
 USER_INPUT_ERRORS = (ConfigError, ShapeMismatchError, MissingTensorError, CheckpointError, DTypeMismatchError,
                      NonFiniteError)
+log = logging.getLogger("fusion_engine")
 
 
 # --------------------------------------------------------------------------- selftest (ops x backends)
@@ -51,6 +57,8 @@ USER_INPUT_ERRORS = (ConfigError, ShapeMismatchError, MissingTensorError, Checkp
 
 def _selftest_models(K: int, seed: int = 0) -> tuple[dict, list[dict]]:
     """A seeded pre-trained MLP state dict and K fine-tuned variants (small random task vectors)."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     shapes = {"0.weight": (256, 64), "0.bias": (256,), "2.weight": (256, 256), "2.bias": (256,),
               "4.weight": (10, 256), "4.bias": (10,)}
@@ -61,6 +69,8 @@ def _selftest_models(K: int, seed: int = 0) -> tuple[dict, list[dict]]:
 
 
 def _selftest_ops(base, finetuned, name):
+    from . import ops
+
     xs = [m[name] for m in finetuned]
     b = base[name]
     weights = [1.0 / len(xs)] * len(xs)
@@ -76,6 +86,10 @@ def _selftest_ops(base, finetuned, name):
 
 def selftest(K: int = 3) -> int:
     """Merge K seeded bf16 MLPs with every op on every usable backend; compare with the torch reference."""
+    import torch
+
+    from ._dispatch import backends
+
     usable = [name for name, status in backends().items() if status.usable and name != "cuda"]
     usable = [name for name in usable if name != "triton" or torch.cuda.is_available()]
     print(f"fusion_engine {__version__}: merging {K} fine-tuned bf16 MLPs into their base; backends: {', '.join(usable)}")
@@ -103,6 +117,10 @@ def selftest(K: int = 3) -> int:
 
 
 def _check_device(device: str) -> str:
+    import torch
+
+    if device == "auto":  # mergekit's --device auto
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
@@ -114,28 +132,41 @@ def _check_device(device: str) -> str:
     return device
 
 
-def merge(config_path: str, out_dir: str, *, device: str = "cpu", out_shard_size: str | int = "5GB",
-          dry_run: bool = False, allow_overwrite: bool = False, quiet: bool = False) -> int:
+def merge(config_path: str, out_dir: str, *, device: str = "cpu", out_shard_size: str | int = "5B",
+          dry_run: bool = False, allow_overwrite: bool = False, quiet: bool = False, random_seed: int | None = None,
+          copy_tokenizer: bool = True, write_model_card: bool = True) -> int:
     """``fusion-engine merge``: parse, validate and plan (headers only), then stream the merge.
 
     Everything that can be checked without reading tensor data is checked first: the config, the
-    models' paths and headers, every needed tensor and its shape, the method's parameters, the
-    output folder and the device. ``dry_run`` stops after printing the plan.
+    models' paths and headers, every needed tensor and its shape, the method's parameters, then the
+    output folder and the device. ``dry_run`` stops after printing the plan. ``out_shard_size``,
+    ``random_seed``, ``copy_tokenizer`` and ``write_model_card`` have mergekit-yaml's meaning
+    (:mod:`fusion_engine.mergekit_flags`); the model card is mergekit's README.md
+    (:mod:`fusion_engine.checkpoint.card`).
     """
-    from .checkpoint.config import load_config
+    from ._dispatch import backends_used
+    from .checkpoint.card import card_for_output
+    from .checkpoint.config import Setting, load_config
     from .checkpoint.executor import run_plan
+    from .checkpoint.plan import TOKENIZER_FILES
     from .checkpoint.planner import build_plan, plan_summary
-    from .io import Checkpoints, parse_size
+    from .io import Checkpoints
     from .io.atomic import check_output_dir
+    from .mergekit_flags import parse_shard_size
+    from .methods.registry import get as get_method
 
-    device = _check_device(device)
-    shard_bytes = parse_size(out_shard_size)
+    shard_bytes = parse_shard_size(out_shard_size)
     config = load_config(config_path)
-    if not dry_run:
-        check_output_dir(out_dir, allow_overwrite)
+    if random_seed is not None and "random_seed" in get_method(config.merge_method).parameter_names:
+        config.parameters.setdefault("random_seed", Setting("random_seed", random_seed, None))
     start = time.perf_counter()
     with Checkpoints() as checkpoints:  # each input opened once: planner, summary and executor share them
         plan = build_plan(config, config_path, checkpoints=checkpoints)
+        device = _check_device(device)
+        if not copy_tokenizer:
+            plan.extra_files = {k: v for k, v in plan.extra_files.items() if k not in TOKENIZER_FILES}
+        if write_model_card:
+            plan.generated_files["README.md"] = card_for_output(config, out_dir)
         # under torchrun every rank plans (cheap, headers only); only rank 0 talks
         speaks = int(os.environ.get("RANK", "0")) == 0
         if speaks and (dry_run or not quiet):
@@ -144,13 +175,39 @@ def merge(config_path: str, out_dir: str, *, device: str = "cpu", out_shard_size
         if dry_run:
             print("dry run: nothing written")
             return 0
+        check_output_dir(out_dir, allow_overwrite)
         summary = run_plan(plan, out_dir, device=device, out_shard_size=shard_bytes, allow_overwrite=allow_overwrite,
                            quiet=quiet, checkpoints=checkpoints)
+    ran = ", ".join(f"{name} ({calls} calls)" for name, calls in sorted(backends_used().items())) or "none (copies)"
+    log.info("backends that ran: %s", ran)
     if speaks and not quiet:
         seconds = summary.get("seconds", time.perf_counter() - start)
         print(f"wrote {summary.get('out_dir', os.path.abspath(out_dir))}: {summary.get('tensors', len(plan.tasks))} "
-              f"tensors, {summary.get('bytes_written', 0) / 2**20:.1f} MiB in {seconds:.2f} s on {device}")
+              f"tensors, {summary.get('bytes_written', 0) / 2**20:.1f} MiB in {seconds:.2f} s on {device}; "
+              f"backends: {ran}")
     return 0
+
+
+def merge_from_args(args: argparse.Namespace) -> int:
+    """``merge`` with mergekit-yaml's options as parsed by :func:`add_mergekit_options`."""
+    flags = resolve_mergekit_options(args)
+    if flags.num_threads is not None:
+        import torch
+
+        torch.set_num_threads(flags.num_threads)
+    return merge(args.config, args.out_dir, device=flags.device, out_shard_size=flags.out_shard_size,
+                 dry_run=args.dry_run, allow_overwrite=args.allow_overwrite, quiet=flags.quiet,
+                 random_seed=flags.random_seed, copy_tokenizer=flags.copy_tokenizer,
+                 write_model_card=flags.write_model_card)
+
+
+def _add_merge_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", metavar="CONFIG", help="mergekit YAML file")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="output folder (must not exist unless --allow-overwrite)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate and print the plan (tensors, bytes, method per group); write nothing")
+    parser.add_argument("--allow-overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    add_mergekit_options(parser)
 
 
 # --------------------------------------------------------------------------- argument parsing
@@ -158,7 +215,8 @@ def merge(config_path: str, out_dir: str, *, device: str = "cpu", out_shard_size
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fusion-engine", description="Fast, exact model merging.",
-                                     epilog="Exit codes: 0 ok, 2 bad arguments or input, 1 other failure.")
+                                     epilog="Exit codes: 0 ok, 2 bad arguments or input, 130 interrupted, "
+                                            "1 other failure.")
     parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -168,15 +226,7 @@ def _parser() -> argparse.ArgumentParser:
                                          "dtype, out_dtype, tokenizer_source). The whole config is validated "
                                          "against the checkpoints' headers before any tensor is read; the output "
                                          "folder appears only when complete.")
-    p_merge.add_argument("config", metavar="CONFIG", help="mergekit YAML file")
-    p_merge.add_argument("out_dir", metavar="OUT_DIR", help="output folder (must not exist unless --allow-overwrite)")
-    p_merge.add_argument("--device", default="cpu", help="where tensors are merged: cpu (default), cuda or cuda:N")
-    p_merge.add_argument("--out-shard-size", default="5GB",
-                         help="largest output shard, e.g. 5GB (default), 500MB, 2GiB or bytes")
-    p_merge.add_argument("--dry-run", action="store_true",
-                         help="validate and print the plan (tensors, bytes, method per group); write nothing")
-    p_merge.add_argument("--allow-overwrite", action="store_true", help="replace OUT_DIR if it exists")
-    p_merge.add_argument("--quiet", "-q", action="store_true", help="no plan summary, no progress bar")
+    _add_merge_arguments(p_merge)
 
     moe_command.add_parser(sub)
     evolve_command.add_parser(sub)
@@ -204,7 +254,8 @@ def _parser() -> argparse.ArgumentParser:
                                         "AdaMerging, ensemble) and align two independent models (weight matching, "
                                         "OT fusion, loss barrier). Prints the tables, writes OUT/results.md and "
                                         "OUT/barrier.png. Needs scikit-learn and matplotlib.")
-    p_eval.add_argument("--out", default="eval", help="output folder (default: eval)")
+    p_eval.add_argument("--out", default="fusion-engine-eval",
+                        help="output folder (default: ./fusion-engine-eval)")
     p_eval.add_argument("--seed", type=int, default=0, help="seed of the data split, training and merges")
     p_eval.add_argument("--no-alignment", action="store_true", help="skip the two-model alignment part")
 
@@ -213,13 +264,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Run one parsed command; errors become exit codes (2 bad input, 130 interrupted, 1 other)."""
     try:
+        configure_logging(getattr(args, "verbosity", 0))
         if args.command == "merge":
-            return merge(args.config, args.out_dir, device=args.device, out_shard_size=args.out_shard_size,
-                         dry_run=args.dry_run, allow_overwrite=args.allow_overwrite, quiet=args.quiet)
+            return merge_from_args(args)
         if args.command == "moe":
             return moe_command.run(args, _check_device(args.device))
         if args.command == "evolve":
@@ -243,19 +293,39 @@ def main(argv=None) -> int:
             return analysis_command.run(args, parser)
         if args.command == "measure":
             return measure_command.run(args, parser)
+        from ._dispatch import backends
+
         for name, status in backends().items():
             print(f"{name:8s} {status!r}")
         return 0
     except USER_INPUT_ERRORS as exc:
-        print(f"fusion-engine: error: {exc}", file=sys.stderr)
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fusion-engine: interrupted", file=sys.stderr)
-        return 1
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:  # noqa: BLE001 - the CLI reports, it does not trace back
         kind = "" if isinstance(exc, FusionEngineError) else f"{type(exc).__name__}: "
-        print(f"fusion-engine: failed: {kind}{exc}", file=sys.stderr)
+        print(f"{parser.prog}: failed: {kind}{exc}", file=sys.stderr)
         return 1
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    return _run(parser, parser.parse_args(argv))
+
+
+def yaml_main(argv=None) -> int:
+    """``fusion-engine-yaml CONFIG OUT_DIR [mergekit-yaml options]``: mergekit-yaml's command line."""
+    parser = argparse.ArgumentParser(prog="fusion-engine-yaml",
+                                     description="mergekit-yaml on fusion_engine: merge checkpoints as a mergekit "
+                                                 "YAML config says, with mergekit-yaml's options. mergekit itself "
+                                                 "is not needed.",
+                                     epilog="Exit codes: 0 ok, 2 bad arguments or input, 130 interrupted, "
+                                            "1 other failure.")
+    _add_merge_arguments(parser)
+    parser.set_defaults(command="merge")
+    return _run(parser, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ from collections.abc import Callable
 
 import torch
 
+from .errors import ConfigError
+
 DEMO_CONFIG = """\
 # TIES-merge three fine-tuned variants of a tiny Llama into their base (mergekit syntax).
 merge_method: ties
@@ -130,8 +132,15 @@ def generate(model_dir: str, prompt: str = "Hello", max_new_tokens: int = 12) ->
 
 def run_demo(merge: Callable[[str, str], int], workdir: str | None = None, *, quiet: bool = False) -> int:
     """Build, merge, load and generate. ``merge(config_path, out_dir)`` is the CLI's merge command
-    (:func:`fusion_engine.cli.merge`, passed in by the CLI). Returns the exit code of the merge."""
-    import transformers
+    (:func:`fusion_engine.cli.merge`, passed in by the CLI). Returns the exit code of the merge.
+
+    Without transformers (an optional dependency: the ``demo`` extra) this raises a ConfigError
+    saying how to install it (the CLI exits 2)."""
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError('fusion-engine demo needs transformers, which is not installed: '
+                          'pip install "fusion_engine[demo]" (or pip install transformers)') from None
 
     transformers.utils.logging.disable_progress_bar()  # the merge's own progress bar is enough
 

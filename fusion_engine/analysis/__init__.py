@@ -8,10 +8,15 @@
   (``fusion-engine analyze``).
 """
 
-from .cka import LayerCKA, linear_cka, representation_cka
-from .geometry import TaskVectorGeometry, task_vector_geometry
-from .landscape import Curve1D, LossPlane, interpolation_curve, layerwise_barriers, loss_plane
-from .report import AnalysisReport, analyze, write_report
+from .._lazy import lazy_exports
+
+# public name -> the module defining it, imported on first access (the command line stays light)
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "LayerCKA": ".cka", "linear_cka": ".cka", "representation_cka": ".cka", "TaskVectorGeometry": ".geometry",
+    "task_vector_geometry": ".geometry", "Curve1D": ".landscape", "LossPlane": ".landscape",
+    "interpolation_curve": ".landscape", "layerwise_barriers": ".landscape", "loss_plane": ".landscape",
+    "AnalysisReport": ".report", "analyze": ".report", "write_report": ".report",
+})
 
 __all__ = ["AnalysisReport", "Curve1D", "LayerCKA", "LossPlane", "TaskVectorGeometry", "analyze",
            "interpolation_curve", "layerwise_barriers", "linear_cka", "loss_plane", "representation_cka",

@@ -268,11 +268,26 @@ def merge_methods(setup: MultiTaskSetup, config: EvalConfig) -> dict[str, Callab
     }
 
 
+def _progress(text: str) -> None:
+    """One line per row as it is built, on stderr (the tables go to stdout at the end)."""
+    print(f"evaluate: {text}", file=sys.stderr, flush=True)
+
+
+class _Rows(list):
+    """The rows of a table, each announced on stderr as it is added."""
+
+    def append(self, row) -> None:
+        super().append(row)
+        seconds = f" ({row.seconds:.1f} s)" if getattr(row, "seconds", None) is not None else ""
+        _progress(f"{row.method}{seconds}")
+
+
 def merge_table(setup: MultiTaskSetup, config: EvalConfig) -> list[Row]:
     """The rows of part 1 (see the module docstring)."""
-    rows = [Row("Pre-trained", setup.accuracies(setup.pretrained)),
-            Row("Individual fine-tuned", [setup.accuracies(m)[k] for k, m in enumerate(setup.finetuned)],
-                note="model k on task k")]
+    rows = _Rows()
+    rows.append(Row("Pre-trained", setup.accuracies(setup.pretrained)))
+    rows.append(Row("Individual fine-tuned", [setup.accuracies(m)[k] for k, m in enumerate(setup.finetuned)],
+                    note="model k on task k"))
     multitask, seconds = _timed(lambda: train_multitask(setup))
     rows.append(Row("Multi-task trained", setup.accuracies(multitask), seconds, "training time"))
     for method, build in trajectory_methods(setup, config.trajectory).items():
@@ -286,7 +301,7 @@ def merge_table(setup: MultiTaskSetup, config: EvalConfig) -> list[Row]:
                     f"{len(setup.finetuned)}× the inference cost"))
     (smile, note), seconds = _timed(lambda: _smile(setup, config))
     rows.append(Row("SMILE upscaling (MoE)", setup.accuracies(smile), seconds, note))
-    return rows
+    return list(rows)
 
 
 def _smile(setup: MultiTaskSetup, config: EvalConfig):
@@ -324,7 +339,7 @@ def alignment_study(config: EvalConfig) -> tuple[list[PairRow], dict[str, PathSc
     def test_loss(model):
         return test_score(model).loss
 
-    rows, curves = [], {}
+    rows, curves = _Rows(), {}
     for name, model in (("Model A", model_a), ("Model B", model_b)):
         s = test_score(model)
         rows.append(PairRow(name, s.loss, s.accuracy, note=f"seed {seed_a if model is model_a else seed_b}"))
@@ -363,7 +378,7 @@ def alignment_study(config: EvalConfig) -> tuple[list[PairRow], dict[str, PathSc
     mid = test_score(curve.model_at(0.5))
     rows.append(PairRow("Bezier curve midpoint", mid.loss, mid.accuracy, scan.height, seconds,
                         "control point trained A→B"))
-    return rows, curves
+    return list(rows), curves
 
 
 # ----------------------------------------------------------------------------------------------
@@ -481,11 +496,13 @@ def main(argv=None) -> int:
     """``fusion-engine evaluate [--out DIR] [--seed N] [--no-alignment]``: print the tables, write the files."""
     parser = argparse.ArgumentParser(prog="fusion-engine evaluate",
                                      description="Merge methods on scikit-learn's digits: the evaluation table.")
-    parser.add_argument("--out", default="eval", help="output folder for results.md and barrier.png (default: eval)")
+    parser.add_argument("--out", default="fusion-engine-eval",
+                        help="output folder for results.md and barrier.png (default: ./fusion-engine-eval)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data split, training and merges")
     parser.add_argument("--no-alignment", action="store_true", help="skip part 2 (two models, barrier plot)")
     args = parser.parse_args(argv)
     config = EvalConfig(tasks=TaskConfig(seed=args.seed), seed=args.seed)
+    _progress("training the models and building the tables, one line per row")
     report = run(config, alignment=not args.no_alignment)
     print(render_markdown(report, plot_name=None))
     md, plot = write_report(report, args.out)

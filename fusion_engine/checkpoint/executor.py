@@ -229,7 +229,8 @@ def _check_output_not_input(out_dir: str, plan: MergePlan) -> None:
 
 
 def write_side_files(plan: MergePlan, ckpts: dict, out_dir: str) -> list[str]:
-    """config.json (from the plan, else the reference model's) and tokenizer/generation files."""
+    """config.json (from the plan, else the reference model's), tokenizer/generation files and the plan's
+    generated files (the model card)."""
     written = []
     reference = _reference_model(plan)
     ref_dir = ckpts[reference].directory if reference in ckpts else None
@@ -255,6 +256,9 @@ def write_side_files(plan: MergePlan, ckpts: dict, out_dir: str) -> list[str]:
                 os.fsync(fout.fileno())
         except OSError as exc:
             raise CheckpointError(f"side file {src} (for {out_name}): cannot copy ({exc.strerror or exc})") from None
+        written.append(out_name)
+    for out_name, content in plan.generated_files.items():
+        write_file_synced(os.path.join(out_dir, out_name), content)
         written.append(out_name)
     return written
 

@@ -19,6 +19,8 @@ import torch
 SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
               "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json",
               "generation_config.json")
+# the tokenizer's part of them (what mergekit-yaml --no-copy-tokenizer leaves out)
+TOKENIZER_FILES = tuple(name for name in SIDE_FILES if name != "generation_config.json")
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class MergePlan:
     tasks: list[TensorTask]
     config_json: dict[str, Any] | None = None  # config.json of the output (e.g. num_hidden_layers after slices)
     extra_files: dict[str, str] = field(default_factory=dict)  # output file name -> source path (tokenizer, ...)
+    generated_files: dict[str, bytes] = field(default_factory=dict)  # output file name -> content (README.md)
     default_out_dtype: torch.dtype | None = None
     alignment: str | None = None  # permute every model onto the reference before merging (alignment.checkpoints)
     alignment_data: str | None = None  # the model inputs of alignment: activation_matching

@@ -131,8 +131,14 @@ def installed() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``mergekit-yaml`` with fusion_engine's methods installed."""
-    from mergekit.scripts.run_yaml import main as mergekit_yaml
+    """``mergekit-yaml`` with fusion_engine's methods installed (exit 2 with the fix when mergekit is absent)."""
+    try:
+        from mergekit.scripts.run_yaml import main as mergekit_yaml
+    except ImportError as exc:
+        print(f"python -m fusion_engine.compat.mergekit runs mergekit-yaml on fusion_engine's methods and needs "
+              f"mergekit, which cannot be imported here ({exc}): pip install mergekit==0.1.5. Without mergekit, "
+              f"fusion-engine-yaml CONFIG OUT_DIR takes the same command line.", file=sys.stderr)
+        sys.exit(2)
 
     install()
     try:

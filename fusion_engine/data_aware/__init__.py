@@ -6,9 +6,14 @@
     result = adamerging(pretrained, models, unlabeled_batches, mode="layer")
 """
 
-from .adamerging import AdaMergingResult, adamerging, merge_with_coefficients
-from .fisher import estimate_fisher, fisher_merge_models
-from .regmean import collect_gram, regmean_merge
+from .._lazy import lazy_exports
+
+# public name -> the module defining it, imported on first access (the command line stays light)
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "AdaMergingResult": ".adamerging", "adamerging": ".adamerging", "merge_with_coefficients": ".adamerging",
+    "estimate_fisher": ".fisher", "fisher_merge_models": ".fisher", "collect_gram": ".regmean",
+    "regmean_merge": ".regmean",
+})
 
 __all__ = ["AdaMergingResult", "adamerging", "collect_gram", "estimate_fisher", "fisher_merge_models",
            "merge_with_coefficients", "regmean_merge"]

@@ -6,11 +6,14 @@
 * :func:`run_digits_example` — ``fusion-engine evolve --example digits``.
 """
 
-from .digits import run_digits_example
-from .evaluation import EvaluationError, command_evaluation, load_callable
-from .merger import InMemoryMerger
-from .search import EvolveResult, evolve
-from .space import SearchSpace
+from .._lazy import lazy_exports
+
+# public name -> the module defining it, imported on first access (the command line stays light)
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "run_digits_example": ".digits", "EvaluationError": ".evaluation", "command_evaluation": ".evaluation",
+    "load_callable": ".evaluation", "InMemoryMerger": ".merger", "EvolveResult": ".search", "evolve": ".search",
+    "SearchSpace": ".space",
+})
 
 __all__ = ["EvaluationError", "EvolveResult", "InMemoryMerger", "SearchSpace", "command_evaluation", "evolve",
            "load_callable", "run_digits_example"]

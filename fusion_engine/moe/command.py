@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..checkpoint.config import DTYPES
 from ..errors import ConfigError
 
 
@@ -31,6 +30,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, device: str) -> int:
+    from ..checkpoint.config import DTYPES
     from .build import build_moe
 
     gate_dtype = DTYPES.get(args.gate_dtype.removeprefix("torch."))

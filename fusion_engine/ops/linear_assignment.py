@@ -28,7 +28,7 @@ def linear_assignment(cost: torch.Tensor, *, maximize: bool = False,
     where C is n × m, k = min(n, m), the r_t are k distinct rows (all rows when n ≤ m) in ascending
     order and π maps them to distinct columns. The optimum is exact (costs are converted to float64);
     among several optimal assignments any one may be returned. This is
-    ``scipy.optimize.linear_sum_assignment`` for dense finite costs, batched.
+    ``scipy.optimize.linear_sum_assignment``, batched.
 
     Parameters
     ----------
@@ -50,11 +50,16 @@ def linear_assignment(cost: torch.Tensor, *, maximize: bool = False,
     (``torch.get_num_threads()`` threads, the GIL released); each thread holds a float64 copy of its
     problem (8·n·m bytes). The answer does not depend on the number of threads.
 
+    Infinite costs follow scipy: +inf (−inf with ``maximize``) forbids a pair; the optimum avoids every
+    forbidden pair, and a problem whose every assignment uses one is infeasible.
+
     Raises
     ------
-    NonFiniteError
-        A cost is NaN or ±Inf (the message names the problem of the batch). Forbid a pair with a
-        large finite cost instead of +Inf.
+    NonFiniteError (a ValueError)
+        A cost is NaN, or −inf (+inf with ``maximize``): "matrix contains invalid numeric entries", as scipy
+        says; the message names the problem of the batch.
+    ConfigError (a ValueError)
+        "cost matrix is infeasible": no assignment avoids the forbidden pairs.
 
     Example
     -------
@@ -70,7 +75,8 @@ def linear_assignment(cost: torch.Tensor, *, maximize: bool = False,
                             f"(wrap a NumPy array with torch.from_numpy)")
     if cost.dim() not in (2, 3):
         raise C.ShapeMismatchError(
-            f"{OP}: cost has shape {tuple(cost.shape)}; pass one [n, m] cost matrix or a batch [B, n, m]"
+            f"{OP}: cost has shape {tuple(cost.shape)}: expected a matrix (2-D array) [n, m] or a batch of them "
+            f"[B, n, m]"
         )
     if not isinstance(maximize, bool):
         raise C.ConfigError(f"{OP}: maximize={maximize!r} must be True or False")
@@ -82,19 +88,48 @@ def linear_assignment(cost: torch.Tensor, *, maximize: bool = False,
     if host.dtype not in C.FLOAT_DTYPES:
         host = host.to(torch.float64)  # integers and bools: exact up to 2**53
     batch = host if host.dim() == 3 else host.unsqueeze(0)
+    label = (lambda b: f"cost[{b}]") if cost.dim() == 3 else (lambda b: "cost")
+    batch, forbidden = _forbid_infinite_pairs(batch, maximize, label)
     _check_range(batch)
     _, kernel = resolve(OP, torch.device("cpu"), batch.dtype, backend)
     with torch.no_grad():
         row_ind, col_ind, bad = kernel(batch, maximize=maximize)
     if bad >= 0:
-        where = f"cost[{bad}]" if cost.dim() == 3 else "cost"
-        raise C.NonFiniteError(
-            f"{OP}: {where} holds NaN or Inf values; the assignment needs finite costs "
-            f"(forbid a pair with a large finite cost instead of inf)"
-        )
+        raise C.NonFiniteError(f"{OP}: {label(bad)}: matrix contains invalid numeric entries (NaN)")
+    if forbidden is not None and forbidden.numel():
+        chosen = forbidden[torch.arange(len(batch)).unsqueeze(1), row_ind, col_ind]
+        infeasible = chosen.any(dim=1).nonzero().flatten()
+        if infeasible.numel():
+            raise C.ConfigError(f"{OP}: cost matrix is infeasible: {label(int(infeasible[0]))} has no assignment "
+                                f"that avoids every forbidden ({'-' if maximize else '+'}inf) pair")
     if cost.dim() == 2:
         return row_ind[0], col_ind[0]
     return row_ind, col_ind
+
+
+def _forbid_infinite_pairs(batch: torch.Tensor, maximize: bool, label) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """scipy's rule for infinite costs: +inf (−inf when maximising) forbids a pair; NaN and the other
+    infinity are invalid. Forbidden pairs get, per problem, a finite cost M worse than any assignment
+    avoiding them: with the finite costs in [lo, hi] and k = min(n, m) pairs per assignment,
+    M = k·(hi − lo) + |hi| + 1 exceeds every feasible total, so the optimum avoids forbidden pairs
+    whenever it can, and uses one only when the problem is infeasible (reported by the caller)."""
+    if batch.numel() == 0 or bool(torch.isfinite(batch).all()):
+        return batch, None
+    invalid = torch.isnan(batch) | (batch == (float("inf") if maximize else float("-inf")))
+    if bool(invalid.any()):
+        b = int(invalid.flatten(1).any(1).nonzero()[0])
+        raise C.NonFiniteError(f"{OP}: {label(b)}: matrix contains invalid numeric entries (NaN, or "
+                               f"{'+' if maximize else '-'}inf when {'maximising' if maximize else 'minimising'}); "
+                               f"forbid a pair with {'-' if maximize else '+'}inf")
+    forbidden = torch.isinf(batch)
+    batch = batch.to(torch.float64).clone()
+    k = min(batch.shape[1], batch.shape[2])
+    for b in forbidden.flatten(1).any(1).nonzero().flatten().tolist():
+        finite = batch[b][~forbidden[b]]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.numel() else (0.0, 0.0)
+        penalty = k * (hi - lo) + max(abs(hi), abs(lo)) + 1.0
+        batch[b][forbidden[b]] = -penalty if maximize else penalty
+    return batch, forbidden
 
 
 MAX_ABS_COST = 1e200  # path lengths (sums of up to n cost differences) stay far from float64 overflow

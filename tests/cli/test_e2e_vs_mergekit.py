@@ -3,7 +3,11 @@
 Three tiny Llama fine-tunes and their base (hidden 64, 4 layers, vocab 128, saved by transformers'
 ``save_pretrained``) are merged with ties, dare_ties (density 1.0, so deterministic), slerp,
 linear, task_arithmetic and a passthrough frankenmerge — with gradients, filters and every
-parameter level. mergekit runs all configs in one child process (its import dominates the time),
+parameter level — and TIES in bfloat16, where the task vectors tie massively at the trim threshold:
+mergekit keeps whichever tied entries ``torch.argsort`` puts first, fusion_engine the lowest indices, and
+mergekit elects signs from bf16 sums; there the outputs may differ, but only at elements whose |δ|
+equals their tensor's threshold or whose sign-election sum is within bf16 rounding of zero
+(:func:`ambiguous_elements`). mergekit runs all configs in one child process (its import dominates the time),
 offline, while ours run in-process through the CLI entry point. Both outputs must have the same
 tensor names, shapes and dtypes, values within tolerance, the same layer count in config.json, and
 ours must load and run in transformers.
@@ -44,6 +48,18 @@ CONFIGS = {
               density: 0.7
         parameters:
           normalize: true
+        """,
+    "ties_bf16": """\
+        merge_method: ties
+        base_model: {base}
+        models:
+          - model: {m0}
+            parameters: {{weight: 1.0, density: 0.5}}
+          - model: {m1}
+            parameters: {{weight: 0.7, density: 0.3}}
+          - model: {m2}
+            parameters: {{weight: 0.4, density: 0.8}}
+        dtype: bfloat16
         """,
     "dare_ties": """\
         merge_method: dare_ties
@@ -161,17 +177,61 @@ def merged():
     return outs
 
 
+def ambiguous_elements(key: str, config: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two kinds of element where TIES in a low-precision dtype may legitimately differ from mergekit:
+
+    * ``tied``: some model's |δ| equals its trim threshold (the k-th largest |δ|, k = max(1, int(ρ n)), as
+      mergekit's magnitude sparsification): mergekit keeps the tied entries ``torch.argsort`` puts first,
+      fusion_engine those of lowest index;
+    * ``sign``: the sign election's sum Σ_i w_i δ_i (over the kept entries) is within the working dtype's
+      rounding of zero: mergekit forms w_i·δ_i and the sum in that dtype (a sum rounded to 0 elects +),
+      fusion_engine in float32.
+
+    δ is computed in the config's dtype, as both do."""
+    m = tiny_llamas()
+    base = load_dir(m["base"])[key].to(config["dtype"])
+    tied = torch.zeros(base.shape, dtype=torch.bool)
+    elected, magnitude = torch.zeros(base.shape), torch.zeros(base.shape)
+    for model, (weight, density) in config["models"].items():
+        delta = load_dir(m[model])[key].to(config["dtype"]) - base
+        k = max(1, int(density * delta.numel()))
+        threshold = delta.abs().flatten().float().sort(descending=True).values[k - 1]
+        tied |= delta.abs() == threshold
+        kept = weight * delta.float() * (delta.abs() > threshold)
+        elected, magnitude = elected + kept, magnitude + kept.abs()
+    eps = torch.finfo(config["dtype"]).eps
+    return tied, elected.abs() <= 2 * eps * magnitude
+
+
+# configs whose outputs may differ at the elements of ambiguous_elements (ties in bfloat16)
+AMBIGUOUS = {"ties_bf16": {"dtype": torch.bfloat16,
+                           "models": {"model_0": (1.0, 0.5), "model_1": (0.7, 0.3), "model_2": (0.4, 0.8)}}}
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_same_checkpoint_as_mergekit(merged, name):
     ours_dir, theirs_dir = merged[name]
     ours, theirs = load_dir(ours_dir), load_dir(theirs_dir)
     assert sorted(ours) == sorted(theirs)
+    counts = [0, 0, 0]  # differing at a trim-threshold tie, differing at a sign-election tie, elements
     for key in theirs:
         a, b = ours[key], theirs[key]
         assert a.shape == b.shape and a.dtype == b.dtype, (key, a.shape, b.shape, a.dtype, b.dtype)
         atol, rtol = TOLERANCE[b.dtype]
+        close = torch.isclose(a.float(), b.float(), atol=atol, rtol=rtol)
+        if name in AMBIGUOUS:
+            tied, sign = ambiguous_elements(key, AMBIGUOUS[name])
+            unexplained = ~close & ~tied & ~sign
+            assert not bool(unexplained.any()), f"{name}: {key} differs from mergekit at {int(unexplained.sum())} " \
+                                                 f"elements neither at the trim threshold nor at a sign-election tie"
+            counts = [c + int(x) for c, x in zip(counts, ((~close & tied).sum(), (~close & ~tied).sum(), a.numel()))]
+            continue
         diff = (a.float() - b.float()).abs().max().item()
-        assert torch.allclose(a.float(), b.float(), atol=atol, rtol=rtol), f"{name}: {key} max |diff| {diff:.3g}"
+        assert bool(close.all()), f"{name}: {key} max |diff| {diff:.3g}"
+    if name in AMBIGUOUS:  # the README's figures for bf16 checkpoints (pytest -s shows them)
+        print(f"{name}: of {counts[2]} elements, {counts[0]} ({100 * counts[0] / counts[2]:.2f} %) differ from "
+              f"mergekit at a trim-threshold tie, {counts[1]} ({100 * counts[1] / counts[2]:.3f} %) at a sign-election "
+              f"tie, none elsewhere")
     with open(os.path.join(ours_dir, "config.json")) as f:
         ours_cfg = json.load(f)
     with open(os.path.join(theirs_dir, "config.json")) as f:

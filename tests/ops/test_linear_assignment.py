@@ -232,18 +232,56 @@ def test_low_precision_costs_use_their_values(backend):
         check_assignment(cost.double(), rows, cols, what=str(dtype))
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_nonfinite_costs_raise(backend, bad):
-    cost = torch.rand(4, 5, 5, dtype=torch.float64)
-    cost[2, 1, 3] = bad
-    with pytest.raises(NonFiniteError, match=r"cost\[2\]"):
-        linear_assignment(cost, backend=backend)
-    with pytest.raises(NonFiniteError, match="NaN or Inf"):
-        linear_assignment(cost[2].float(), backend=backend)
+@pytest.mark.parametrize("maximize", [False, True])
+def test_invalid_costs_raise_like_scipy(backend, maximize):
+    """NaN, and −inf when minimising (+inf when maximising), are invalid: scipy's ValueError and wording."""
+    for bad in (float("nan"), float("-inf") if not maximize else float("inf")):
+        cost = torch.rand(4, 5, 5, dtype=torch.float64)
+        cost[2, 1, 3] = bad
+        with pytest.raises(NonFiniteError, match=r"cost\[2\]: matrix contains invalid numeric entries"):
+            linear_assignment(cost, maximize=maximize, backend=backend)
+        with pytest.raises(ValueError, match="matrix contains invalid numeric entries"):
+            linear_assignment(cost[2].float(), maximize=maximize, backend=backend)
+        with pytest.raises(ValueError, match="matrix contains invalid numeric entries"):
+            linear_sum_assignment(cost[2].numpy(), maximize=maximize)
+
+
+@pytest.mark.parametrize("maximize", [False, True])
+def test_infinite_costs_forbid_pairs_as_in_scipy(backend, maximize):
+    """+inf (−inf when maximising) forbids a pair: the same optimum as scipy, or scipy's infeasible error."""
+    forbid = float("-inf") if maximize else float("inf")
+    gen = torch.Generator().manual_seed(0)
+    feasible = infeasible = 0
+    for trial in range(60):
+        n, m = (5, 7) if trial % 3 else (6, 4)
+        cost = torch.rand(n, m, generator=gen, dtype=torch.float64) * 10
+        cost[torch.rand(n, m, generator=gen) < (0.4 if trial % 2 else 0.75)] = forbid
+        try:
+            expected = linear_sum_assignment(cost.numpy(), maximize=maximize)
+        except ValueError as exc:
+            assert "infeasible" in str(exc)
+            with pytest.raises(ConfigError, match="cost matrix is infeasible"):
+                linear_assignment(cost, maximize=maximize, backend=backend)
+            infeasible += 1
+            continue
+        rows, cols = linear_assignment(cost, maximize=maximize, backend=backend)
+        assert bool(torch.isfinite(cost[rows, cols]).all())
+        assert float(cost[rows, cols].sum()) == pytest.approx(float(cost.numpy()[expected].sum()), rel=1e-12)
+        feasible += 1
+    assert feasible > 5 and infeasible > 5
+    batch = torch.rand(3, 4, 4, dtype=torch.float64)
+    batch[1, 0, :] = forbid                   # row 0 of problem 1 has no allowed column
+    with pytest.raises(ConfigError, match=r"infeasible: cost\[1\]"):
+        linear_assignment(batch, maximize=maximize, backend=backend)
+    batch[1, 0, 1] = 0.5
+    before = batch.clone()
+    rows, cols = linear_assignment(batch, maximize=maximize, backend=backend)
+    assert torch.equal(batch, before)         # the forbidden pairs are replaced in a copy
+    assert int(cols[1, 0]) == 1
 
 
 def test_bad_arguments():
-    with pytest.raises(ShapeMismatchError, match="cost has shape"):
+    with pytest.raises(ShapeMismatchError, match="expected a matrix"):
         linear_assignment(torch.rand(5))
     with pytest.raises(ShapeMismatchError):
         linear_assignment(torch.rand(2, 3, 4, 5))

@@ -42,8 +42,12 @@ class SinkhornResult(NamedTuple):
     err: torch.Tensor
 
 
+METHODS = ("sinkhorn_log", "sinkhorn")
+
+
 def sinkhorn(cost: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor | None = None, *, reg: float,
              max_iter: int = 1000, tol: float = 1e-9, check_every: int = 10, eps_scaling: float | None = None,
+             method: str = "sinkhorn_log", warmstart: tuple[torch.Tensor, torch.Tensor] | None = None,
              backend: str | None = None) -> SinkhornResult:
     """Entropy-regularised optimal transport plan between histograms ``a`` and ``b``, batched.
 
@@ -58,7 +62,7 @@ def sinkhorn(cost: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor 
         v_j \\leftarrow \\log b_j - \\mathrm{LSE}_i(u_i - C_{ij}/\\varepsilon), \\qquad
         u_i \\leftarrow \\log a_i - \\mathrm{LSE}_j(v_j - C_{ij}/\\varepsilon)
 
-    starting from u = v = 0, so after each iteration the row marginals are exact. Every
+    starting from u = v = 0 (or ``warmstart``), so after each iteration the row marginals are exact. Every
     ``check_every`` iterations (after iterations 1, 1 + check_every, …, as POT's ``ii % 10 == 0``)
     the column-marginal violation err = ‖P^T 1 − b‖₂ is computed and a problem whose err < ``tol``
     stops (its potentials, n_iter and err are frozen; the others of the batch continue). Iteration
@@ -86,6 +90,15 @@ def sinkhorn(cost: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor 
         use fp64 costs for tighter tolerances
     check_every : iterations between checks (≥ 1); POT uses 10
     eps_scaling : None, or the decay factor q in (0, 1) of ε-scaling (above)
+    method : ``"sinkhorn_log"`` (the default: the log-domain updates above, stable for any reg) or
+        ``"sinkhorn"``: POT's ``ot.sinkhorn`` default, plain-domain Sinkhorn–Knopp on K = exp(−C/ε),
+        u ← a ⊘ (K v), v ← b ⊘ (Kᵀ u) from u = 1/n, v = 1/m (POT's order, checks and iteration count).
+        It is faster per iteration but underflows for small reg: a problem whose scalings overflow or
+        vanish stops at its last finite iterate, as POT does (``err`` says how far it got). Runs on the
+        torch backend (any device), without ε-scaling.
+    warmstart : None, or ``(log_u, log_v)`` [n], [m] (or [B, n], [B, m]): POT's ``warmstart``, the logarithms
+        of the starting scaling vectors (f = ε·log_u, g = ε·log_v); e.g. the f / reg, g / reg of a previous
+        solve of a nearby problem.
     backend : None (automatic), "cpp", "triton" or "torch"
 
     Returns
@@ -129,12 +142,23 @@ def sinkhorn(cost: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor 
         raise C.NonFiniteError(f"{op}: cost holds NaN or Inf values; replace them (e.g. torch.nan_to_num) "
                                f"or mask those pairs with a large finite cost")
     _check_equal_mass(op, a_, b_)
-    _, kernel = resolve(op, cost.device, cost.dtype, backend)
+    if method not in METHODS:
+        raise C.ConfigError(f"{op}: method={method!r}; choose 'sinkhorn_log' (log domain) or 'sinkhorn' "
+                            f"(plain-domain Sinkhorn-Knopp, POT's ot.sinkhorn default)")
+    if method == "sinkhorn" and eps_scaling is not None:
+        raise C.ConfigError(f"{op}: eps_scaling is for method='sinkhorn_log'; the plain domain underflows at "
+                            f"the small ε it would reach")
     costs = costs.to(work_dtype).contiguous()
     fixed_cost, fixed_a, fixed_b = costs.detach(), a_.detach(), b_.detach()  # the kernels build no graph
-    f = torch.zeros(B, n, dtype=work_dtype, device=cost.device)
-    g = torch.zeros(B, m, dtype=work_dtype, device=cost.device)
+    f, g = _starting_potentials(op, warmstart, B, n, m, batched, float(reg), cost.device, work_dtype)
     n_iter = torch.zeros(B, dtype=torch.int64, device=cost.device)
+    if method == "sinkhorn":
+        with torch.no_grad():
+            _, kernel = resolve("sinkhorn_knopp", cost.device, cost.dtype, backend)
+            plan, f, g, n_iter, err = kernel(fixed_cost, fixed_a, fixed_b, f, g, reg=float(reg),
+                                             max_iter=int(max_iter), tol=float(tol), check_every=int(check_every))
+        return _result(plan, f, g, n_iter, err, costs, a_, b_, float(reg), (cost, a, b), batched)
+    _, kernel = resolve(op, cost.device, cost.dtype, backend)
     stages = _reg_schedule(fixed_cost, float(reg), eps_scaling)
     stage_tol = max(float(tol), INTERMEDIATE_TOL * float(torch.linalg.vector_norm(fixed_b, dim=1).max())) if B else 0.0
     with torch.no_grad():
@@ -148,11 +172,39 @@ def sinkhorn(cost: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor 
                 plan, used = costs.clone(), n_iter
                 err = torch.zeros(0, dtype=work_dtype, device=cost.device)
             n_iter = n_iter + used
-    if B and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (cost, a, b)):
-        plan = _ImplicitPlan.apply(costs, a_, b_, plan, float(reg))
+    return _result(plan, f, g, n_iter, err, costs, a_, b_, float(reg), (cost, a, b), batched)
+
+
+def _result(plan, f, g, n_iter, err, costs, a_, b_, reg: float, inputs, batched: bool) -> SinkhornResult:
+    """The result, with the plan differentiable (:class:`_ImplicitPlan`) when an input requires grad."""
+    if plan.shape[0] and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        plan = _ImplicitPlan.apply(costs, a_, b_, plan, reg)
     if not batched:
         return SinkhornResult(plan[0], f[0], g[0], n_iter[0], err[0])
     return SinkhornResult(plan, f, g, n_iter, err)
+
+
+def _starting_potentials(op, warmstart, B, n, m, batched, reg, device, dtype):
+    """f, g [B, n], [B, m] in cost units: zeros, or ε·(log_u, log_v) from POT-style ``warmstart``."""
+    if warmstart is None:
+        return (torch.zeros(B, n, dtype=dtype, device=device), torch.zeros(B, m, dtype=dtype, device=device))
+    if not isinstance(warmstart, (tuple, list)) or len(warmstart) != 2:
+        raise C.ConfigError(f"{op}: warmstart must be a pair (log_u, log_v) of tensors, as POT's warmstart")
+    out = []
+    for name, t, size in (("warmstart[0] (log_u)", warmstart[0], n), ("warmstart[1] (log_v)", warmstart[1], m)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise C.ConfigError(f"{op}: {name} must be a floating tensor")
+        if t.device != device:
+            raise C.DeviceMismatchError(f"{op}: {name} is on {t.device} but cost is on {device}; move it there")
+        if t.dim() == 1 and t.shape[0] == size:
+            t = t.unsqueeze(0).expand(B, size)
+        elif not (batched and t.dim() == 2 and tuple(t.shape) == (B, size)):
+            raise C.ShapeMismatchError(f"{op}: {name} has shape {tuple(t.shape)}; expected [{size}]"
+                                       + (f" or [{B}, {size}]" if batched else ""))
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            raise C.NonFiniteError(f"{op}: {name} holds NaN or Inf values")
+        out.append((reg * t.detach()).to(dtype).contiguous())
+    return out[0], out[1]
 
 
 class _ImplicitPlan(torch.autograd.Function):
@@ -311,6 +363,42 @@ def sinkhorn_reference(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, f: 
     return plan, reg * u, reg * v, n_iter, err
 
 
+def sinkhorn_knopp_reference(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, f: torch.Tensor, g: torch.Tensor,
+                             *, reg: float, max_iter: int, tol: float, check_every: int):
+    """Plain-domain Sinkhorn–Knopp in POT's form (``ot.bregman.sinkhorn_knopp``), batched; each problem
+    stops on its own. f, g are starting potentials (cost units): u = exp(f/ε), v = exp(g/ε), with POT's
+    default u = 1/n, v = 1/m when both are zero. A problem whose update hits 0, NaN or Inf keeps its
+    previous scalings and stops (POT's "numerical errors" exit). Returns ``(plan, f, g, n_iter, err)``."""
+    B, n, m = cost.shape
+    kernel = torch.exp(-cost / reg)
+    cold = ~((f != 0).any(1) | (g != 0).any(1))
+    u = torch.where(cold[:, None], torch.full_like(f, 1.0 / n), torch.exp(f / reg))
+    v = torch.where(cold[:, None], torch.full_like(g, 1.0 / m), torch.exp(g / reg))
+    active = torch.ones(B, dtype=torch.bool, device=cost.device)
+    n_iter = torch.zeros(B, dtype=torch.int64, device=cost.device)
+    err = torch.full((B,), math.inf, dtype=cost.dtype, device=cost.device)
+    for it in range(max_iter):
+        kt_u = torch.einsum("bij,bi->bj", kernel, u)
+        v_new = b / kt_u
+        u_new = 1.0 / torch.einsum("bij,bj->bi", kernel / a[:, :, None], v_new)
+        broken = (kt_u == 0).any(1) | ~torch.isfinite(u_new).all(1) | ~torch.isfinite(v_new).all(1)
+        step = active & ~broken
+        u = torch.where(step[:, None], u_new, u)
+        v = torch.where(step[:, None], v_new, v)
+        n_iter += step
+        active &= ~broken
+        if it % check_every == 0:
+            e = torch.linalg.vector_norm(torch.einsum("bi,bij,bj->bj", u, kernel, v) - b, dim=1)
+            err = torch.where(step, e, err)
+            active &= ~(e < tol)
+        if not bool(active.any()):
+            break
+    plan = u[:, :, None] * kernel * v[:, None, :]
+    err = torch.where(torch.isinf(err), torch.linalg.vector_norm(plan.sum(1) - b, dim=1), err)
+    return plan, reg * torch.log(u), reg * torch.log(v), n_iter, err
+
+
+register("sinkhorn_knopp", torch=sinkhorn_knopp_reference)
 register("sinkhorn", torch=sinkhorn_reference,
          cpp=lambda: cpp_launchers().sinkhorn,
          triton=lambda: triton_kernels().sinkhorn.sinkhorn)

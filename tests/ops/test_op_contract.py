@@ -152,7 +152,7 @@ CASES = [
 
 
 # registered ops whose contract has its own shape (matrices, OT problems, random words): their files
-OWN_CONTRACT = {"cost_matrix": "test_cost_matrix.py", "sinkhorn": "test_sinkhorn.py",
+OWN_CONTRACT = {"cost_matrix": "test_cost_matrix.py", "sinkhorn": "test_sinkhorn.py", "sinkhorn_knopp": "test_sinkhorn.py",
                 "linear_assignment": "test_linear_assignment.py", "philox_words": "test_philox.py",
                 "inner_products": "below", "any_nonfinite": "below"}
 

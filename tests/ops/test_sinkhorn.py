@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fusion_engine as fe
+from fusion_engine.errors import ConfigError, ShapeMismatchError
 from fusion_engine.ops import SinkhornResult, sinkhorn
 from fusion_engine.ops.sinkhorn import sinkhorn_reference
 from utils import InputGuard, assert_verbose_allclose, device_for, skip_unless_dtype
@@ -371,3 +372,76 @@ def test_no_graph_without_grad():
     assert not sinkhorn(cost, a, b, reg=0.1).plan.requires_grad
     with torch.no_grad():
         assert not sinkhorn(cost.requires_grad_(), a, b, reg=0.1).plan.requires_grad
+
+
+# ----------------------------------------------------------------------------------------------
+# POT's other habits: the plain-domain method and warm starts
+
+
+def _pot_problem(seed, n=7, m=5):
+    g = torch.Generator().manual_seed(seed)
+    cost = torch.rand(n, m, generator=g, dtype=torch.float64)
+    a = torch.rand(n, generator=g, dtype=torch.float64) + 0.1
+    b = torch.rand(m, generator=g, dtype=torch.float64) + 0.1
+    return cost, a / a.sum(), b / b.sum()
+
+
+@pytest.mark.parametrize("reg", [1.0, 0.1, 0.03])
+def test_plain_method_is_pots_sinkhorn_knopp(reg):
+    ot = pytest.importorskip("ot")
+    problems = [_pot_problem(seed) for seed in range(3)]
+    batch = sinkhorn(torch.stack([p[0] for p in problems]), torch.stack([p[1] for p in problems]),
+                     torch.stack([p[2] for p in problems]), reg=reg, tol=1e-9, method="sinkhorn")
+    for i, (cost, a, b) in enumerate(problems):
+        plan, log = ot.sinkhorn(a.numpy(), b.numpy(), cost.numpy(), reg, stopThr=1e-9, log=True)
+        torch.testing.assert_close(batch.plan[i], torch.from_numpy(plan), rtol=1e-10, atol=1e-14)
+        assert int(batch.n_iter[i]) == log["niter"] + 1
+        one = sinkhorn(cost, a, b, reg=reg, tol=1e-9, method="sinkhorn")
+        torch.testing.assert_close(one.plan, batch.plan[i])
+
+
+def test_plain_method_stops_at_its_last_finite_iterate_like_pot():
+    ot = pytest.importorskip("ot")
+    cost, a, b = _pot_problem(4)
+    cost = cost * 800.0                                # exp(-C/reg) underflows: POT's "numerical errors" exit
+    with pytest.warns(UserWarning):
+        plan, log = ot.sinkhorn(a.numpy(), b.numpy(), cost.numpy(), 1.0, stopThr=1e-12, log=True)
+    r = sinkhorn(cost, a, b, reg=1.0, tol=1e-12, method="sinkhorn")
+    assert bool(torch.isfinite(r.plan).all()) == bool(np.isfinite(plan).all())
+    torch.testing.assert_close(r.plan, torch.from_numpy(plan), equal_nan=True)
+
+
+@pytest.mark.parametrize("method", ["sinkhorn_log", "sinkhorn"])
+def test_warmstart_is_pots(method):
+    ot = pytest.importorskip("ot")
+    cost, a, b = _pot_problem(5)
+    log_u = torch.linspace(-0.5, 0.4, 7, dtype=torch.float64)
+    log_v = torch.linspace(0.3, -0.2, 5, dtype=torch.float64)
+    plan, log = ot.sinkhorn(a.numpy(), b.numpy(), cost.numpy(), 0.05, method=method, stopThr=1e-10, log=True,
+                            warmstart=(log_u.numpy(), log_v.numpy()))
+    r = sinkhorn(cost, a, b, reg=0.05, tol=1e-10, method=method, warmstart=(log_u, log_v))
+    torch.testing.assert_close(r.plan, torch.from_numpy(plan), rtol=1e-9, atol=1e-13)
+    assert int(r.n_iter) == log["niter"] + 1
+    # restarting from a converged solve's potentials converges at once
+    again = sinkhorn(cost, a, b, reg=0.05, tol=1e-10, method=method, warmstart=(r.f / 0.05, r.g / 0.05))
+    assert int(again.n_iter) == 1
+    torch.testing.assert_close(again.plan, r.plan, rtol=1e-8, atol=1e-12)
+
+
+def test_method_and_warmstart_errors():
+    cost, a, b = _pot_problem(0)
+    with pytest.raises(ConfigError, match="method="):
+        sinkhorn(cost, a, b, reg=0.1, method="greenkhorn")
+    with pytest.raises(ConfigError, match="eps_scaling"):
+        sinkhorn(cost, a, b, reg=0.1, method="sinkhorn", eps_scaling=0.5)
+    with pytest.raises(ConfigError, match="pair"):
+        sinkhorn(cost, a, b, reg=0.1, warmstart=torch.zeros(7))
+    with pytest.raises(ShapeMismatchError, match=r"warmstart\[1\]"):
+        sinkhorn(cost, a, b, reg=0.1, warmstart=(torch.zeros(7, dtype=torch.float64), torch.zeros(4)))
+
+
+def test_plain_method_plan_is_differentiable():
+    cost, a, b = _pot_problem(2, n=4, m=3)
+    cost.requires_grad_(True)
+    torch.autograd.gradcheck(lambda c: sinkhorn(c, a, b, reg=0.5, tol=1e-13, max_iter=5000, method="sinkhorn").plan,
+                             (cost,), atol=1e-6)

@@ -3,7 +3,8 @@
 Each program owns a BLOCK_N × BLOCK_M tile of C for one batch entry. Its K loop (over the d
 features) accumulates x_tile · y_tileᵀ in fp32 with ``tl.dot`` (IEEE fp32 for fp32 inputs: no tf32)
 and, in the same loop and from the same loaded tiles, the row statistics the metric needs:
-Σx², Σy² (sqeuclidean, euclidean, cosine, correlation) and Σx, Σy, min, max (correlation). The
+Σx², Σy² (sqeuclidean, euclidean, cosine, correlation) and Σx, Σy, min, max (correlation), kept
+per feature lane and reduced once after the loop. The
 epilogue turns them into the metric (see ``cost_matrix`` for the formulas) and stores the tile in
 the output dtype. Inputs are read in place through their strides (transposed, sliced and broadcast
 views need no copy).
@@ -51,15 +52,18 @@ def _cost_matrix_kernel(x_ptr, y_ptr, out_ptr, n, m, d, inv_d,
     x_rows = x_ptr + b * sxb + rows.to(tl.int64)[:, None] * sxn
     y_rows = y_ptr + b * syb + cols.to(tl.int64)[:, None] * sym
 
+    # Row statistics are accumulated elementwise over the feature tiles and reduced once after the
+    # loop: no reduction inside the K loop, and no loop result used twice (Triton 3.6's
+    # OptimizeThreadLocality pass asserts on a reduced loop accumulator with several uses).
     dots = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    x_sq = tl.zeros([BLOCK_N], tl.float32)
-    y_sq = tl.zeros([BLOCK_M], tl.float32)
-    x_sum = tl.zeros([BLOCK_N], tl.float32)
-    y_sum = tl.zeros([BLOCK_M], tl.float32)
-    x_min = tl.full([BLOCK_N], float("inf"), tl.float32)
-    x_max = tl.full([BLOCK_N], -float("inf"), tl.float32)
-    y_min = tl.full([BLOCK_M], float("inf"), tl.float32)
-    y_max = tl.full([BLOCK_M], -float("inf"), tl.float32)
+    x_sq_part = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    y_sq_part = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    x_sum_part = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    y_sum_part = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    x_min_part = tl.full([BLOCK_N, BLOCK_D], float("inf"), tl.float32)
+    x_max_part = tl.full([BLOCK_N, BLOCK_D], -float("inf"), tl.float32)
+    y_min_part = tl.full([BLOCK_M, BLOCK_D], float("inf"), tl.float32)
+    y_max_part = tl.full([BLOCK_M, BLOCK_D], -float("inf"), tl.float32)
     for k0 in range(0, d, BLOCK_D):
         k = k0 + feats
         k_ok = k < d
@@ -74,15 +78,17 @@ def _cost_matrix_kernel(x_ptr, y_ptr, out_ptr, n, m, d, inv_d,
         if METRIC != INNER:
             xf = xt.to(tl.float32)
             yf = yt.to(tl.float32)
-            x_sq += tl.sum(xf * xf, axis=1)
-            y_sq += tl.sum(yf * yf, axis=1)
+            x_sq_part += xf * xf
+            y_sq_part += yf * yf
             if METRIC == CORRELATION:
-                x_sum += tl.sum(xf, axis=1)
-                y_sum += tl.sum(yf, axis=1)
-                x_min = tl.minimum(x_min, tl.min(tl.where(x_mask, xf, float("inf")), axis=1))
-                x_max = tl.maximum(x_max, tl.max(tl.where(x_mask, xf, -float("inf")), axis=1))
-                y_min = tl.minimum(y_min, tl.min(tl.where(y_mask, yf, float("inf")), axis=1))
-                y_max = tl.maximum(y_max, tl.max(tl.where(y_mask, yf, -float("inf")), axis=1))
+                x_sum_part += xf
+                y_sum_part += yf
+                x_min_part = tl.minimum(x_min_part, tl.where(x_mask, xf, float("inf")))
+                x_max_part = tl.maximum(x_max_part, tl.where(x_mask, xf, -float("inf")))
+                y_min_part = tl.minimum(y_min_part, tl.where(y_mask, yf, float("inf")))
+                y_max_part = tl.maximum(y_max_part, tl.where(y_mask, yf, -float("inf")))
+    x_sq = tl.sum(x_sq_part, axis=1)
+    y_sq = tl.sum(y_sq_part, axis=1)
 
     if METRIC == INNER:
         cost = -dots
@@ -92,9 +98,11 @@ def _cost_matrix_kernel(x_ptr, y_ptr, out_ptr, n, m, d, inv_d,
             cost = tl.sqrt_rn(cost)
     else:
         if METRIC == CORRELATION:  # centred products and norms from the raw sums
+            x_sum = tl.sum(x_sum_part, axis=1)
+            y_sum = tl.sum(y_sum_part, axis=1)
             dots = dots - (x_sum[:, None] * y_sum[None, :]) * inv_d
-            x_constant = (x_min == x_max) & (x_sq == x_sq)   # a NaN row is not constant
-            y_constant = (y_min == y_max) & (y_sq == y_sq)
+            x_constant = (tl.min(x_min_part, axis=1) == tl.max(x_max_part, axis=1)) & (x_sq == x_sq)  # NaN: not constant
+            y_constant = (tl.min(y_min_part, axis=1) == tl.max(y_max_part, axis=1)) & (y_sq == y_sq)
             x_sq = tl.where(x_constant, 0.0, _clamp_min_zero(x_sq - x_sum * x_sum * inv_d))
             y_sq = tl.where(y_constant, 0.0, _clamp_min_zero(y_sq - y_sum * y_sum * inv_d))
         norms = tl.sqrt_rn(x_sq)[:, None] * tl.sqrt_rn(y_sq)[None, :]

@@ -36,18 +36,18 @@ def _block(n, offset, first_quad, QUADS: tl.constexpr):
 
 
 @triton.jit
-def philox_keep(q, i, seed, stream, threshold):
+def philox_keep(q, i, seed, philox_stream, threshold):
     """DARE's keep decision for the entries 4q + t of model ``i`` (a block 4× as long as ``q``):
-    Philox word t of the counter (q lo, q hi, i, stream) below ``threshold`` (an int64 in [0, 2^32])."""
+    Philox word t of the counter (q lo, q hi, i, philox_stream) below ``threshold`` (an int64 in [0, 2^32])."""
     zero = tl.zeros_like(q)
     r0, r1, r2, r3 = tl.philox(seed, (q & 0xFFFFFFFF).to(tl.uint32), (q >> 32).to(tl.uint32),
-                               (zero + i).to(tl.uint32), (zero + stream).to(tl.uint32))
+                               (zero + i).to(tl.uint32), (zero + philox_stream).to(tl.uint32))
     word = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))   # r0[0], r1[0], r2[0], r3[0], r0[1], …
     return word.to(tl.int64) < threshold
 
 
 @triton.jit
-def _dare_l1_kernel(base_ptr, table, threshold_ptr, l1_ptr, n, offset, first_quad, seed, stream, nblocks, K,
+def _dare_l1_kernel(base_ptr, table, threshold_ptr, l1_ptr, n, offset, first_quad, seed, philox_stream, nblocks, K,
                     ALIGNED: tl.constexpr, QUADS: tl.constexpr):
     """Block sums (fp64) of |δ_i| (row i) and |m_i ⊙ δ_i| (row K + i) for model i = program_id(1)."""
     pid = tl.program_id(0)
@@ -56,14 +56,14 @@ def _dare_l1_kernel(base_ptr, table, threshold_ptr, l1_ptr, n, offset, first_qua
     b = tl.load(base_ptr + offs, mask=mask, other=0.0)
     x = C.load_input(table, i, offs, mask, base_ptr.dtype.element_ty, ALIGNED)
     magnitude = tl.abs(C.task_vector(x, b).to(tl.float32))
-    keep = philox_keep(q, i, seed, stream, tl.load(threshold_ptr + i))
+    keep = philox_keep(q, i, seed, philox_stream, tl.load(threshold_ptr + i))
     tl.store(l1_ptr + i * nblocks + pid, tl.sum(magnitude.to(tl.float64)))
     tl.store(l1_ptr + (K + i) * nblocks + pid, tl.sum(tl.where(keep, magnitude, 0.0).to(tl.float64)))
 
 
 @triton.jit
 def _dare_merge_kernel(base_ptr, table, weight_ptr, scale_ptr, threshold_ptr, out_ptr, flag_ptr,
-                       n, offset, first_quad, seed, stream, K, lam, total_weight,
+                       n, offset, first_quad, seed, philox_stream, K, lam, total_weight,
                        CONSENSUS: tl.constexpr, SIGN_COUNT: tl.constexpr, SIGN_WEIGHTED: tl.constexpr,
                        DIVISOR_COUNT: tl.constexpr, NORMALIZE: tl.constexpr, ALIGNED: tl.constexpr,
                        QUADS: tl.constexpr):
@@ -74,7 +74,7 @@ def _dare_merge_kernel(base_ptr, table, weight_ptr, scale_ptr, threshold_ptr, ou
     for i in range(K):
         x = C.load_input(table, i, offs, mask, base_ptr.dtype.element_ty, ALIGNED)
         bad |= C.is_nonfinite(x.to(tl.float32))
-        keep = philox_keep(q, i, seed, stream, tl.load(threshold_ptr + i))
+        keep = philox_keep(q, i, seed, philox_stream, tl.load(threshold_ptr + i))
         v = tl.where(keep, C.task_vector(x, b).to(tl.float32), 0.0) * tl.load(scale_ptr + i)
         num_pos, num_neg, den_pos, den_neg, total = combine_add(
             num_pos, num_neg, den_pos, den_neg, total, v, tl.load(weight_ptr + i),
@@ -105,7 +105,7 @@ def dare_merge(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[fl
     threshold = torch.tensor(thresholds, dtype=torch.int64).to(device)
     first_quad = offset // 4
     nblocks = triton.cdiv((offset + n - 1) // 4 - first_quad + 1, QUADS)
-    tile = dict(n=n, offset=offset, first_quad=first_quad, seed=seed, stream=stream)
+    tile = dict(n=n, offset=offset, first_quad=first_quad, seed=seed, philox_stream=stream)
     if rescale == "l1":
         l1 = torch.empty((2 * K, nblocks), dtype=torch.float64, device=device)
         _dare_l1_kernel[(nblocks, K)](base, table, threshold, l1, nblocks=nblocks, K=K, ALIGNED=aligned,

@@ -2,22 +2,30 @@
 
 The key of an entry is the bit pattern of its magnitude in the inputs' dtype (the bits without the
 sign: 15 for fp16/bf16, 31 for fp32); keys order like magnitudes. The threshold T is the k-th
-largest key, found from histograms, never by sorting:
+largest key, found digit by digit from histograms, never by sorting:
 
-* fp16/bf16: one pass, a 2^15-bin histogram of the keys;
-* fp32: a 2^15-bin histogram of the high 15 bits gives the high part h of T, then a 2^16-bin
-  histogram of the low 16 bits of the keys whose high part is h gives the rest.
+* fp16/bf16: two levels, the high 8 key bits, then the low 7 bits of the keys in the chosen bin;
+* fp32: three levels of 11, 11 and 9 bits.
 
-Histograms are built with atomic adds, one launch for all models at once (grid: blocks × models);
-the bin holding the k-th key is found with a small torch cumsum over each histogram, on the device
-(no host synchronisation).
+**No contended atomics.** Each program walks a chunk of ``CHUNK_BLOCKS`` blocks and builds its
+histogram locally (``tl.histogram``: registers and shared memory). A level other than the last is
+merged once per program into a [K, bins] global histogram, one atomic add per non-empty bin (a few
+thousand programs per bin at most, instead of one atomic per entry piling onto the few bins real
+task vectors fall into). The last level stores each program's small histogram unmerged, so the
+number of keys equal to T in every chunk is known without another pass. All models of a call run in
+one launch per level (grid: chunks × models); the bin holding the k-th key is found with small
+torch cumsums on the device: no host synchronisation anywhere.
 
-A selection is encoded per model as (T, quota r, per-block prefix p): an entry is kept when
-key > T, or key = T and it is among the first r entries with key = T. With ``tie="index"`` r =
-k − #{key > T}, and the kernel ranks a block's ties with an exclusive prefix over the blocks (p, from
-one counting pass) plus a ``tl.cumsum`` inside the block, so that exactly k survive, lowest
-indices first. With ``tie="threshold"`` every key ≥ T is kept (r = #{key = T}). k = 0 and k = n need
-no pass: T = 2^31 (above every key) keeps nothing, T = −1 keeps everything.
+A selection is encoded per model as (T, J): an entry j is kept when key > T, or key = T and j < J.
+With ``tie="index"`` J is one past the r-th key equal to T (r = k − #{key > T}), located by one
+program per model that walks the single chunk holding it, so exactly k survive, lowest indices
+first. With ``tie="threshold"`` J = n (every key ≥ T is kept). k = 0 and k = n need no pass:
+T = 2^31 (above every key) keeps nothing, T = −1 keeps everything.
+
+Passes over the data: 2 (fp16/bf16) or 3 (fp32), all models at once; the caller's final pass
+(mask or merge) is the last read. ``rescale="l1"`` costs no extra pass: the first level sums |δ|,
+the last sums |δ| of the keys whose higher digits are above T's, and the keys above T inside T's
+last-level bucket are whole bins of known magnitude.
 """
 
 from __future__ import annotations
@@ -30,19 +38,20 @@ import triton.language as tl
 
 from . import _common as C
 
-HIGH_BINS = 1 << 15   # fp16/bf16 keys, or the high 15 bits of fp32 keys
-LOW_BINS = 1 << 16    # the low 16 bits of fp32 keys
 KEEP_NONE = 1 << 31   # above every key
 KEEP_ALL = -1         # below every key
+# (shift, width) of each radix level, most significant first
+LEVELS = {16: ((7, 8), (0, 7)), 32: ((20, 11), (9, 11), (0, 9))}
+CHUNK_BLOCKS = (64, 16, 4, 1)   # blocks per program, the largest that still fills the GPU
+MIN_PROGRAMS = 2048
 
 
 @dataclass
 class Selection:
-    """Per-model top-k decision, as device tensors (K models, ``nblocks`` blocks of ``C.BLOCK``)."""
+    """Per-model top-k decision, as device tensors (K models)."""
 
     threshold: torch.Tensor   # int64 [K]: the k-th largest key T
-    quota: torch.Tensor       # int64 [K]: how many entries with key == T are kept
-    prefix: torch.Tensor      # int64 [K, nblocks]: ties at T in the blocks before (tie="index")
+    cutoff: torch.Tensor      # int64 [K]: entries with key == T are kept below this index J
     l1_all: torch.Tensor      # float64 [K]: ‖δ_i‖₁ (when asked for; 0 for k ∈ {0, n})
     l1_kept: torch.Tensor     # float64 [K]: ‖δ_i ⊙ m_i‖₁ (idem)
 
@@ -58,16 +67,9 @@ def magnitude_key(d):
 
 
 @triton.jit
-def keep_top(key, threshold, quota, prefix, TIE_INDEX: tl.constexpr):
-    """Keep mask of a 1-D block of keys: key > T, plus the ties key = T that the selection keeps
-    (``prefix``: ties at T in the blocks before this one)."""
-    if TIE_INDEX:
-        tie = (key == threshold).to(tl.int32)
-        rank = prefix + tl.cumsum(tie, axis=0) - tie
-        keep = (key > threshold) | ((tie != 0) & (rank < quota))
-    else:
-        keep = key >= threshold
-    return keep
+def keep_top(key, offs, threshold, cutoff):
+    """Keep mask of a block of keys at indices ``offs``: key > T, or key = T below the cutoff J."""
+    return (key > threshold) | ((key == threshold) & (offs < cutoff))
 
 
 @triton.jit
@@ -81,56 +83,67 @@ def _load_delta(table, base_ptr, i, offs, mask, HAS_BASE: tl.constexpr, ELT: tl.
 
 
 @triton.jit
-def _histogram_kernel(table, base_ptr, hist_ptr, high_ptr, l1_ptr, n, nblocks,
-                      HAS_BASE: tl.constexpr, LOW: tl.constexpr, WANT_L1: tl.constexpr,
-                      ELT: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    """Histogram of the keys of model ``program_id(1)``: the full 15-bit key (fp16/bf16) or the
-    high 15 bits (fp32); with LOW, the low 16 bits of the fp32 keys whose high part is ``high``.
-    With WANT_L1 (first pass only) it also stores the block's Σ|δ| (fp64)."""
+def _level_kernel(table, base_ptr, prefix_ptr, hist_ptr, l1_ptr, n, nprog,
+                  SHIFT: tl.constexpr, WIDTH: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
+                  WANT_L1: tl.constexpr, HAS_BASE: tl.constexpr, ELT: tl.constexpr, ALIGNED: tl.constexpr,
+                  BLOCK: tl.constexpr, CHUNK_BLOCKS: tl.constexpr):
+    """One radix level for chunk ``program_id(0)`` of model ``program_id(1)``: the histogram of key bits
+    [SHIFT, SHIFT + WIDTH) over the keys whose higher bits equal the model's prefix (all keys on the
+    FIRST level). Not LAST: merged into row i of hist [K, 2^WIDTH] (one atomic per non-empty bin);
+    LAST: stored as row (i, chunk) of hist [K, nprog, 2^WIDTH]. With WANT_L1, the chunk's Σ|δ| (FIRST)
+    or Σ|δ| over the keys whose higher bits exceed the prefix (LAST), in fp64, to l1 [K, nprog]."""
     pid = tl.program_id(0)
     i = tl.program_id(1)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    d = _load_delta(table, base_ptr, i, offs, mask, HAS_BASE, ELT, ALIGNED)
-    key = magnitude_key(d)
-    if LOW:
-        row = hist_ptr + i * (1 << 16)
-        in_bin = mask & ((key >> 16) == tl.load(high_ptr + i))
-        bins = key & 0xFFFF
+    BINS: tl.constexpr = 1 << WIDTH
+    if FIRST:
+        prefix = 0
     else:
-        row = hist_ptr + i * (1 << 15)
-        in_bin = mask
-        if ELT == tl.float32:
-            bins = key >> 16
-        else:
-            bins = key
-    # Bin 0 (exact zeros: often whole blocks of an untouched parameter) is counted with one atomic
-    # per block instead of one per entry, which would all hit the same address.
-    zeros = tl.sum((in_bin & (bins == 0)).to(tl.int64))
-    tl.atomic_add(row, zeros, mask=zeros > 0)
-    tl.atomic_add(row + bins, 1, mask=in_bin & (bins != 0))
+        prefix = tl.load(prefix_ptr + i).to(tl.int32)
+    counts = tl.zeros([BINS], tl.int32)
+    l1 = tl.zeros([BLOCK], tl.float64)
+    for b in range(CHUNK_BLOCKS):
+        offs = (pid.to(tl.int64) * CHUNK_BLOCKS + b) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        d = _load_delta(table, base_ptr, i, offs, mask, HAS_BASE, ELT, ALIGNED)
+        key = magnitude_key(d)
+        high = key >> (SHIFT + WIDTH)
+        counts += tl.histogram((key >> SHIFT) & (BINS - 1), BINS, mask=mask & (high == prefix))
+        if WANT_L1:
+            magnitude = tl.abs(d.to(tl.float32)).to(tl.float64)
+            if FIRST:
+                l1 += magnitude
+            else:
+                l1 += tl.where(high > prefix, magnitude, 0.0)
+    bins = tl.arange(0, BINS)
+    if LAST:
+        tl.store(hist_ptr + (i.to(tl.int64) * nprog + pid) * BINS + bins, counts)
+    else:
+        tl.atomic_add(hist_ptr + i * BINS + bins, counts, mask=counts != 0)
     if WANT_L1:
-        tl.store(l1_ptr + i * nblocks + pid, tl.sum(tl.abs(d.to(tl.float32)).to(tl.float64)))
+        tl.store(l1_ptr + i * nprog + pid, tl.sum(l1))
 
 
 @triton.jit
-def _tie_count_kernel(table, base_ptr, threshold_ptr, count_ptr, l1_ptr, n, nblocks,
-                      HAS_BASE: tl.constexpr, COUNT_TIES: tl.constexpr, WANT_L1: tl.constexpr,
-                      ELT: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    """Per block of model ``program_id(1)``: the number of keys equal to T (COUNT_TIES) and the
-    Σ|δ| of the keys above T (WANT_L1, fp64)."""
-    pid = tl.program_id(0)
-    i = tl.program_id(1)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    d = _load_delta(table, base_ptr, i, offs, mask, HAS_BASE, ELT, ALIGNED)
-    key = magnitude_key(d)
-    threshold = tl.load(threshold_ptr + i)
-    if COUNT_TIES:
-        tl.store(count_ptr + i * nblocks + pid, tl.sum((mask & (key == threshold)).to(tl.int64)))
-    if WANT_L1:
-        above = tl.where(key > threshold, tl.abs(d.to(tl.float32)), 0.0)
-        tl.store(l1_ptr + i * nblocks + pid, tl.sum(above.to(tl.float64)))
+def _tie_cutoff_kernel(table, base_ptr, threshold_ptr, chunk_ptr, rank_ptr, cutoff_ptr, n,
+                       HAS_BASE: tl.constexpr, ELT: tl.constexpr, ALIGNED: tl.constexpr,
+                       BLOCK: tl.constexpr, CHUNK_BLOCKS: tl.constexpr):
+    """For model ``program_id(0)``: one past the index of the r-th key equal to T in chunk p (the
+    chunk that holds the last kept tie), i.e. the cutoff J of ``keep_top``."""
+    i = tl.program_id(0)
+    threshold = tl.load(threshold_ptr + i).to(tl.int32)
+    chunk = tl.load(chunk_ptr + i)
+    rank = tl.load(rank_ptr + i)
+    seen = tl.zeros([], tl.int64)
+    found = tl.zeros([], tl.int64) + n
+    for b in range(CHUNK_BLOCKS):
+        offs = (chunk * CHUNK_BLOCKS + b) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        d = _load_delta(table, base_ptr, i, offs, mask, HAS_BASE, ELT, ALIGNED)
+        tie = (mask & (magnitude_key(d) == threshold)).to(tl.int64)
+        hit = (tie != 0) & (seen + tl.cumsum(tie, axis=0) == rank)
+        found = tl.minimum(found, tl.min(tl.where(hit, offs, n)))
+        seen += tl.sum(tie)
+    tl.store(cutoff_ptr + i, found + 1)
 
 
 def _kth_bin(hist: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,58 +162,73 @@ def _magnitude_of_key(key: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return key.to(torch.int16).view(dtype).double()
 
 
+def chunk_blocks(nblocks: int, models: int) -> int:
+    """Blocks per program of the select passes: the largest of CHUNK_BLOCKS that still gives
+    MIN_PROGRAMS programs (fewer, longer chunks mean fewer histograms to merge and store)."""
+    for blocks in CHUNK_BLOCKS:
+        if triton.cdiv(nblocks, blocks) * models >= MIN_PROGRAMS:
+            return blocks
+    return 1
+
+
 def select_top_magnitude(inputs: list[torch.Tensor], base: torch.Tensor | None, ks: list[int], tie: str,
                          *, want_l1: bool = False) -> Selection:
     """Select, per input i, its k_i entries of largest |δ_i| (δ_i = x_i − b rounded to the dtype,
     or x_i itself without a base). Reads the inputs in place; returns a :class:`Selection`."""
     first = inputs[0]
     n, device, dtype = first.numel(), first.device, first.dtype
-    nblocks = triton.cdiv(n, C.BLOCK)
-    tie_index = tie == "index"
     k_all = torch.tensor(ks, dtype=torch.int64)
     threshold = torch.where(k_all == 0, KEEP_NONE, KEEP_ALL).to(device)
-    quota = torch.zeros(len(ks), dtype=torch.int64, device=device)
-    prefix = torch.zeros((len(ks), nblocks if tie_index else 1), dtype=torch.int64, device=device)
+    cutoff = torch.zeros(len(ks), dtype=torch.int64, device=device)
     l1_all = torch.zeros(len(ks), dtype=torch.float64, device=device)
     l1_kept = torch.zeros_like(l1_all)
     active = [i for i, k in enumerate(ks) if 0 < k < n]
     if not active:
-        return Selection(threshold, quota, prefix, l1_all, l1_kept)
+        return Selection(threshold, cutoff, l1_all, l1_kept)
 
+    models = len(active)
     table, aligned = C.pointer_table([inputs[i] for i in active])
     rows = torch.tensor(active, dtype=torch.int64, device=device)
-    k = k_all[active].to(device)
+    blocks = chunk_blocks(triton.cdiv(n, C.BLOCK), models)
+    nprog = triton.cdiv(n, C.BLOCK * blocks)
     common = dict(HAS_BASE=base is not None, ELT=C.element_type(dtype), ALIGNED=aligned, BLOCK=C.BLOCK,
-                  **C.launch_options())
+                  CHUNK_BLOCKS=blocks, **C.launch_options())
     base_arg = first if base is None else base
-    grid = (nblocks, len(active))
-    per_block = (len(active), nblocks)
-    part_all = torch.empty(per_block if want_l1 else (1,), dtype=torch.float64, device=device)
-    hist = torch.zeros((len(active), HIGH_BINS), dtype=torch.int64, device=device)
-    _histogram_kernel[grid](table, base_arg, hist, hist, part_all, n, nblocks, LOW=False, WANT_L1=want_l1,
-                            **common)
-    t, above = _kth_bin(hist, k)
-    if dtype == torch.float32:
-        hist_low = torch.zeros((len(active), LOW_BINS), dtype=torch.int64, device=device)
-        _histogram_kernel[grid](table, base_arg, hist_low, t, part_all, n, nblocks, LOW=True, WANT_L1=False,
-                                **common)
-        t_low, above_low = _kth_bin(hist_low, k - above)
-        at_t = hist_low.gather(1, t_low[:, None]).squeeze(1)
-        t, above = (t << 16) | t_low, above + above_low
-    else:
-        at_t = hist.gather(1, t[:, None]).squeeze(1)
-    chosen_quota = k - above if tie_index else at_t
+    levels = LEVELS[8 * first.element_size()]
+    need = k_all[active].to(device)                          # rank of T among the keys still in play
+    prefix = torch.zeros(models, dtype=torch.int64, device=device)
+    l1_first = torch.empty((models, nprog) if want_l1 else (1,), dtype=torch.float64, device=device)
+    l1_last = torch.empty_like(l1_first)
+    for level, (shift, width) in enumerate(levels):
+        last = level == len(levels) - 1
+        shape = (models, nprog, 1 << width) if last else (models, 1 << width)
+        hist = (torch.empty if last else torch.zeros)(shape, dtype=torch.int32, device=device)
+        _level_kernel[(nprog, models)](table, base_arg, prefix, hist, l1_last if last else l1_first, n, nprog,
+                                       SHIFT=shift, WIDTH=width, FIRST=level == 0, LAST=last,
+                                       WANT_L1=want_l1 and (level == 0 or last), **common)
+        merged = (hist.sum(1) if last else hist).to(torch.int64)
+        t, above = _kth_bin(merged, need)
+        need = need - above
+        higher = prefix
+        prefix = (prefix << width) | t
+    at_t = merged.gather(1, t[:, None]).squeeze(1)
+    quota = need if tie == "index" else at_t                 # keys equal to T that are kept
 
-    if tie_index or want_l1:
-        counts = torch.empty(per_block if tie_index else (1,), dtype=torch.int64, device=device)
-        part_kept = torch.empty(per_block if want_l1 else (1,), dtype=torch.float64, device=device)
-        _tie_count_kernel[grid](table, base_arg, t, counts, part_kept, n, nblocks, COUNT_TIES=tie_index,
-                                WANT_L1=want_l1, **common)
-        if tie_index:
-            prefix[rows] = counts.cumsum(1) - counts
-        if want_l1:
-            l1_all[rows] = part_all.sum(1)
-            l1_kept[rows] = part_kept.sum(1) + chosen_quota.double() * _magnitude_of_key(t, dtype)
-    threshold[rows] = t
-    quota[rows] = chosen_quota
-    return Selection(threshold, quota, prefix, l1_all, l1_kept)
+    if tie == "index":
+        ties = hist.gather(2, t[:, None, None].expand(models, nprog, 1)).squeeze(2).to(torch.int64)
+        before = ties.cumsum(1)
+        chunk = (before < quota[:, None]).sum(1).clamp(max=nprog - 1)   # chunk holding the quota-th tie
+        rank = quota - (before - ties).gather(1, chunk[:, None]).squeeze(1)
+        cut = torch.empty(models, dtype=torch.int64, device=device)
+        _tie_cutoff_kernel[(models,)](table, base_arg, prefix, chunk, rank, cut, n, **common)
+        cutoff[rows] = cut
+    else:
+        cutoff[rows] = n
+    if want_l1:
+        bins = torch.arange(1 << width, device=device)
+        bucket = _magnitude_of_key((higher[:, None] << width) | bins, dtype)   # keys of T's last-level bucket
+        in_bucket_above = torch.where(bins > t[:, None], merged.double() * bucket, 0.0).sum(1)
+        l1_all[rows] = l1_first.sum(1)
+        l1_kept[rows] = l1_last.sum(1) + in_bucket_above + quota.double() * _magnitude_of_key(prefix, dtype)
+    threshold[rows] = prefix
+    return Selection(threshold, cutoff, l1_all, l1_kept)

@@ -1,8 +1,7 @@
 """Triton kernel of :func:`fusion_engine.ops.magnitude_mask`: the k entries of largest |x|.
 
-The threshold comes from the radix select of :mod:`._select` (one 2^15-bin histogram pass for
-fp16/bf16, two passes for fp32, plus one tie-counting pass for ``tie="index"``); a last pass
-writes the mask and checks the input for NaN/Inf.
+The threshold T and the tie cutoff J come from the radix select of :mod:`._select` (two local-histogram
+passes for fp16/bf16, three for fp32); a last pass writes the mask and checks the input for NaN/Inf.
 """
 
 from __future__ import annotations
@@ -16,17 +15,12 @@ from ._select import keep_top, magnitude_key, select_top_magnitude
 
 
 @triton.jit
-def _magnitude_mask_kernel(x_ptr, threshold_ptr, quota_ptr, prefix_ptr, out_ptr, flag_ptr, n,
-                           TIE_INDEX: tl.constexpr, BLOCK: tl.constexpr):
+def _magnitude_mask_kernel(x_ptr, threshold_ptr, cutoff_ptr, out_ptr, flag_ptr, n, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    if TIE_INDEX:
-        prefix = tl.load(prefix_ptr + pid)
-    else:
-        prefix = 0
-    keep = keep_top(magnitude_key(x), tl.load(threshold_ptr), tl.load(quota_ptr), prefix, TIE_INDEX)
+    keep = keep_top(magnitude_key(x), offs, tl.load(threshold_ptr), tl.load(cutoff_ptr))
     C.flag_if_any(flag_ptr, C.is_nonfinite(x.to(tl.float32)))
     tl.store(out_ptr + offs, keep.to(tl.int8), mask=mask)
 
@@ -42,6 +36,6 @@ def magnitude_mask(x: torch.Tensor, k: int, *, tie: str):
     sel = select_top_magnitude([x], None, [k], tie)
     flag = C.new_flag(x.device)
     grid = (triton.cdiv(n, C.BLOCK),)
-    _magnitude_mask_kernel[grid](x, sel.threshold, sel.quota, sel.prefix, out.view(torch.int8), flag, n,
-                                 TIE_INDEX=tie == "index", BLOCK=C.BLOCK, **C.launch_options())
+    _magnitude_mask_kernel[grid](x, sel.threshold, sel.cutoff, out.view(torch.int8), flag, n, BLOCK=C.BLOCK,
+                                 **C.launch_options())
     return out, bool(flag.item())

@@ -1,9 +1,9 @@
 """Triton kernels of :func:`fusion_engine.ops.ties_merge`: trim, elect sign, disjoint merge.
 
 1. Trim: per model, the radix select of :mod:`._select` finds the threshold of the k_i largest
-   |δ_i| (δ_i = x_i − b rounded to the inputs' dtype), all models in one launch per pass: one
-   histogram pass (fp16/bf16) or two (fp32), and one counting pass when ties are broken by index or
-   ``rescale="l1"`` needs ‖δ̂_i‖₁. Models with k_i ∈ {0, n} skip it.
+   |δ_i| (δ_i = x_i − b rounded to the inputs' dtype) and the tie cutoff, all models in one launch
+   per pass: two local-histogram passes (fp16/bf16) or three (fp32), which also give ‖δ̂_i‖₁ for
+   ``rescale="l1"``. Models with k_i ∈ {0, n} skip it.
 2. Elect and merge: one pass over the K inputs (read in place through a pointer table) recomputes
    δ_i, applies the keep test and the rescale s_i, and runs the single-pass combine of
    :mod:`._combine`; it also checks every input for NaN/Inf.
@@ -21,11 +21,10 @@ from ._select import keep_top, magnitude_key, select_top_magnitude
 
 
 @triton.jit
-def _ties_merge_kernel(base_ptr, table, weight_ptr, scale_ptr, threshold_ptr, quota_ptr, prefix_ptr,
-                       out_ptr, flag_ptr, n, K, nblocks, lam,
+def _ties_merge_kernel(base_ptr, table, weight_ptr, scale_ptr, threshold_ptr, cutoff_ptr, out_ptr, flag_ptr,
+                       n, K, lam,
                        SIGN_COUNT: tl.constexpr, SIGN_WEIGHTED: tl.constexpr, DIVISOR_COUNT: tl.constexpr,
-                       NORMALIZE: tl.constexpr, TIE_INDEX: tl.constexpr, ALIGNED: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       NORMALIZE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -36,11 +35,7 @@ def _ties_merge_kernel(base_ptr, table, weight_ptr, scale_ptr, threshold_ptr, qu
         x = C.load_input(table, i, offs, mask, base_ptr.dtype.element_ty, ALIGNED)
         bad |= C.is_nonfinite(x.to(tl.float32))
         d = C.task_vector(x, b)
-        if TIE_INDEX:
-            prefix = tl.load(prefix_ptr + i * nblocks + pid)
-        else:
-            prefix = 0
-        keep = keep_top(magnitude_key(d), tl.load(threshold_ptr + i), tl.load(quota_ptr + i), prefix, TIE_INDEX)
+        keep = keep_top(magnitude_key(d), offs, tl.load(threshold_ptr + i), tl.load(cutoff_ptr + i))
         v = tl.where(keep, d.to(tl.float32), 0.0) * tl.load(scale_ptr + i)
         num_pos, num_neg, den_pos, den_neg, total = combine_add(
             num_pos, num_neg, den_pos, den_neg, total, v, tl.load(weight_ptr + i),
@@ -72,8 +67,7 @@ def ties_merge(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[fl
     flag = C.new_flag(device)
     nblocks = triton.cdiv(n, C.BLOCK)
     _ties_merge_kernel[(nblocks,)](
-        base, table, weight, scale, sel.threshold, sel.quota, sel.prefix, out, flag, n, len(tensors), nblocks,
-        float(lam), SIGN_COUNT=sign == "count", SIGN_WEIGHTED=sign_on == "weighted",
-        DIVISOR_COUNT=divisor == "count", NORMALIZE=normalize, TIE_INDEX=tie == "index", ALIGNED=aligned,
-        BLOCK=C.BLOCK, **C.launch_options())
+        base, table, weight, scale, sel.threshold, sel.cutoff, out, flag, n, len(tensors), float(lam),
+        SIGN_COUNT=sign == "count", SIGN_WEIGHTED=sign_on == "weighted", DIVISOR_COUNT=divisor == "count",
+        NORMALIZE=normalize, ALIGNED=aligned, BLOCK=C.BLOCK, **C.launch_options())
     return out, bool(flag.item())

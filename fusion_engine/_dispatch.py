@@ -11,7 +11,8 @@ contiguous tensors, plain Python scalars). This module is the only one that read
   or a :class:`BackendUnavailableError` saying why it cannot run. Helper ops (Philox words, inner
   products, the non-finite check: run inside a merge on its behalf) run their torch reference
   when the requested backend has no kernel for them, so ``backend="triton"`` on a merge works;
-* otherwise automatic by the inputs' device: CUDA tensors try triton, then cuda, then torch;
+* otherwise automatic by the inputs' device: CUDA tensors try triton, then cuda, then torch, except
+  for the ops of ``_CUDA_FIRST`` (cuda, then triton, then torch: the measured faster kernel first);
   CPU tensors try cpp, then torch. A skipped backend is logged at debug level; when a compiled
   backend cannot load at all (``fusion_engine._C`` missing, e.g. an unbuilt source tree on the path)
   and the automatic choice falls back to torch, a WARNING with the fix is logged once per backend.
@@ -41,6 +42,19 @@ log = logging.getLogger("fusion_engine")
 
 BACKENDS = ("triton", "cuda", "cpp", "torch")
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
+# Ops whose CUDA kernel was measured faster than (or the only working one beside) the triton kernel,
+# on one H200, 64M bf16 elements, K = 8 (issue 12; triton 3.6, before the local-histogram select):
+#
+#   op               triton      cuda     -> first
+#   magnitude_mask   15.98 ms    0.62 ms     cuda
+#   ties_merge ρ=0.2 123.8 ms    5.72 ms     cuda
+#   ties_merge ρ=1    2.44 ms    1.55 ms     cuda
+#   dare_merge       crashed     2.04 ms     cuda   (triton's `stream` parameter; renamed since)
+#   linear_merge K=8  0.51 ms    0.55 ms     triton (the default order; K = 3: 0.49 vs 0.52 ms)
+#
+# The GPU suite (benchmarks/gpu_suite.sh) re-measures every op on both; change this table from its
+# numbers (the triton select and the DARE fix are unmeasured yet).
+_CUDA_FIRST = frozenset({"magnitude_mask", "ties_merge", "dare_merge"})
 
 # dtypes each backend's kernels are compiled for (torch runs everything the reference does)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -217,7 +231,10 @@ def resolve(op: str, device: torch.device, dtype: torch.dtype | None,
             f"Use backend=None for the automatic choice (fusion_engine.backends() shows what is usable)."
         )
     unloadable = []  # compiled backends skipped because they cannot load here
-    for name in _AUTO_ORDER.get(device.type, ("torch",)):
+    order = _AUTO_ORDER.get(device.type, ("torch",))
+    if device.type == "cuda" and op in _CUDA_FIRST:
+        order = ("cuda", "triton", "torch")
+    for name in order:
         if name == "torch" or not table.has(name):
             continue
         status = _probe(name)

@@ -191,12 +191,25 @@ def test_import_without_the_extension(tmp_path):
 def test_auto_choice_on_cuda(monkeypatch, op):
     monkeypatch.delenv("FUSION_ENGINE_BACKEND", raising=False)
     name, _ = resolve(op, torch.device("cuda"), torch.float32)
-    expected = next((b for b in ("triton", "cuda") if backends()[b].usable and not kernel_missing_reason(op, b)),
-                    "torch")
+    order = ("cuda", "triton") if op in _dispatch._CUDA_FIRST else ("triton", "cuda")
+    expected = next((b for b in order if backends()[b].usable and not kernel_missing_reason(op, b)), "torch")
     assert name == expected
     if backends()["cpp"].usable:
         with pytest.raises(BackendUnavailableError, match="does not run on cuda"):
             resolve(op, torch.device("cuda"), torch.float32, "cpp")
+
+
+def test_auto_order_on_cuda_is_per_op(monkeypatch):
+    """With every backend usable, CUDA tensors get the measured faster kernel first: cuda for the
+    selection ops (magnitude_mask, ties_merge) and DARE, triton for the others."""
+    monkeypatch.delenv("FUSION_ENGINE_BACKEND", raising=False)
+    monkeypatch.setattr(_dispatch, "_probe", lambda name: BackendStatus(True))
+    monkeypatch.setattr(_dispatch, "_load", lambda kernels, name: name)
+    chosen = {op: resolve(op, torch.device("cuda"), torch.bfloat16)[0]
+              for op in ("magnitude_mask", "ties_merge", "dare_merge", "linear_merge", "task_arithmetic")}
+    assert chosen == {"magnitude_mask": "cuda", "ties_merge": "cuda", "dare_merge": "cuda",
+                      "linear_merge": "triton", "task_arithmetic": "triton"}
+    assert resolve("magnitude_mask", torch.device("cuda"), torch.bfloat16, "triton")[0] == "triton"
 
 
 def test_cpp_extension_is_built():

@@ -3,7 +3,7 @@
 Each case builds its inputs once and offers one callable per provider:
 ``fusion_engine-<backend>`` (ours), ``torch-reference`` (the op's eager oracle), ``mergekit``
 (``merge_tensors``, 0.1.5) and ``peft`` (``peft.utils.merge_utils``, given task vectors as PEFT
-users do). ``floor_bytes`` is the minimum traffic of the op: every input read once per pass the
+users do; on a GPU also ``peft-torch.compile``, the same function under ``torch.compile``). ``floor_bytes`` is the minimum traffic of the op: every input read once per pass the
 algorithm needs, the output written once.
 """
 
@@ -88,13 +88,17 @@ def _peft(name, base, xs, **kw):
     except ImportError:
         return {}
     fn = getattr(merge_utils, name)
-    weights = torch.ones(len(xs), dtype=base.dtype)
+    weights = torch.ones(len(xs), dtype=base.dtype, device=base.device)
 
-    def run():
+    def merge(base, xs):
         task_vectors = [x - base for x in xs]
         return base + fn(task_vectors, weights, **kw)
 
-    return {"peft": run}
+    providers = {"peft": lambda: merge(base, xs)}
+    if base.device.type == "cuda":  # the first (warm-up) call compiles
+        compiled = torch.compile(merge)
+        providers["peft-torch.compile"] = lambda: compiled(base, xs)
+    return providers
 
 
 def make_case(op: str, dtype: torch.dtype, K: int, n: int = N, device: str = "cpu") -> Case:

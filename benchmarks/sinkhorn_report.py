@@ -3,6 +3,9 @@ and the eager torch reference, on the same problems at the same tolerance; print
 
     python benchmarks/sinkhorn_report.py [--B 16] [--n 512] [--reg 0.05] [--tol 1e-9] [--quick] [--device cuda]
 
+On a GPU the POT providers are POT's own solvers given torch CUDA tensors (``ot.sinkhorn(...,
+method="sinkhorn_log")`` per problem, and ``ot.batch.solve_batch``).
+
 The problems: B cost matrices C_q = squared Euclidean distances between n and m points drawn
 uniformly in [0, 1]², uniform marginals, fp64 on the CPU (the dtype POT uses; fp32 on a GPU, where
 the triton kernel runs). For each provider: the best wall time, the problem-iterations it ran, and
@@ -31,7 +34,7 @@ from _cases import copy_bandwidth, timed  # noqa: E402
 import fusion_engine as fe  # noqa: E402
 from fusion_engine.ops import sinkhorn  # noqa: E402
 
-SLOW = ("torch-reference", "POT sinkhorn_log", "POT solve_batch")
+SLOW = ("torch-reference", "POT sinkhorn_log", "POT solve_batch", "POT sinkhorn_log (GPU)", "POT solve_batch (GPU)")
 
 
 @dataclass
@@ -67,9 +70,12 @@ def make_sinkhorn_case(B=16, n=512, m=512, reg=0.05, tol=1e-9, device="cpu", max
                 lambda backend=backend: int(sinkhorn(cost, backend=backend, **kw).n_iter.sum()))
     case.providers["torch-reference"] = lambda: int(sinkhorn(cost, backend="torch", **kw).n_iter.sum())
     try:
+        import ot
         from ot.bregman import sinkhorn_log
     except ImportError:
         return case
+    if device == "cuda":  # POT on the same GPU, torch tensors through its backend
+        return _pot_on_gpu(case, ot, cost, kw)
     costs_np = cost64.numpy()
     a, b = np.full(n, 1.0 / n), np.full(m, 1.0 / m)
 
@@ -91,6 +97,36 @@ def make_sinkhorn_case(B=16, n=512, m=512, reg=0.05, tol=1e-9, device="cpu", max
         return B * (int(res.log["n_iter"]) + 1)
 
     case.providers["POT solve_batch"] = pot_solve_batch
+    return case
+
+
+def _pot_on_gpu(case: SinkhornCase, ot, cost: torch.Tensor, kw: dict) -> SinkhornCase:
+    """POT's own solvers given torch CUDA tensors: ``ot.sinkhorn(method="sinkhorn_log")`` per problem
+    and the batched ``ot.batch.solve_batch``, same reg, tolerance and iteration cap."""
+    B, n, m = cost.shape
+    a = torch.full((n,), 1.0 / n, dtype=cost.dtype, device=cost.device)
+    b = torch.full((m,), 1.0 / m, dtype=cost.dtype, device=cost.device)
+    reg, tol, max_iter = kw["reg"], kw["tol"], kw["max_iter"]
+
+    def pot_sinkhorn_log() -> int:
+        total = 0
+        for q in range(B):
+            _, log = ot.sinkhorn(a, b, cost[q], reg, method="sinkhorn_log", numItermax=max_iter, stopThr=tol,
+                                 log=True, warn=False)
+            total += int(log["niter"]) + 1
+        return total
+
+    case.providers["POT sinkhorn_log (GPU)"] = pot_sinkhorn_log
+    try:
+        from ot.batch import solve_batch
+    except ImportError:
+        return case
+
+    def pot_solve_batch() -> int:
+        res = solve_batch(cost, reg, max_iter=max_iter, tol=tol, method="log_sinkhorn")
+        return B * (int(res.log["n_iter"]) + 1)
+
+    case.providers["POT solve_batch (GPU)"] = pot_solve_batch
     return case
 
 

@@ -1,6 +1,7 @@
 """Run every benchmark case side by side in one process and write a results table.
 
     python benchmarks/report.py [--ops ties_merge,dare_merge] [--quick] [--device cuda] [--n N] [--ks 3,8]
+                                [--dtypes bfloat16,float32]
 
 For each case: the best of several runs per provider (one run for the slow references), the
 achieved GB/s counting the op's minimum bytes, the ratio to the bandwidth floor (minimum bytes ÷
@@ -52,15 +53,18 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--n", type=int, default=N, help="elements per tensor")
     parser.add_argument("--ks", default=",".join(map(str, KS)), help="numbers of models, e.g. 3,8")
+    parser.add_argument("--dtypes", default=",".join(str(d).replace("torch.", "") for d in DTYPES),
+                        help="torch dtype names, e.g. bfloat16,float32")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"))
     args = parser.parse_args()
     ks = tuple(int(k) for k in args.ks.split(","))
+    dtypes = tuple(getattr(torch, name) for name in args.dtypes.split(","))
     ours = "fusion_engine-cpp" if args.device == "cpu" else "fusion_engine-triton"
 
     bandwidth = copy_bandwidth(device=args.device)
     rows = []
     for op in args.ops.split(","):
-        for dtype in DTYPES:
+        for dtype in dtypes:
             for K in ((1,) if op == "magnitude_mask" else (ks[:1] if args.quick else ks)):
                 case = make_case(op, dtype, K, n=args.n, device=args.device)
                 floor = case.floor_bytes / bandwidth

@@ -123,6 +123,8 @@ def cost_matrix(x: torch.Tensor, y: torch.Tensor, *, metric: str) -> torch.Tenso
     out = torch.empty((batch, n, m), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
+    if d == 0:  # no features: every distance 0, every similarity undefined (cost 1); and an empty x or y
+        return out.fill_(1.0 if metric in ("cosine", "correlation") else 0.0)  # may have no storage to point at
     C.element_type(x.dtype)  # fp16 / bf16 / fp32 only
     grid = (triton.cdiv(n, BLOCK_N), triton.cdiv(m, BLOCK_M), batch)
     _cost_matrix_kernel[grid](x, y, out, n, m, d, 1.0 / max(d, 1), *x.stride(), *y.stride(), *out.stride(),

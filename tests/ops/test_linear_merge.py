@@ -58,7 +58,8 @@ def test_weights_forms_agree(backend):
     assert_bitwise_equal(linear_merge(xs, 2.0, backend=backend), mean, "scalar weight")
     assert_bitwise_equal(linear_merge(xs, [2.0, 2.0, 2.0], backend=backend), mean, "list of weights")
     assert_bitwise_equal(linear_merge(xs, torch.tensor([2.0, 2.0, 2.0]), backend=backend), mean, "tensor weights")
-    plain = linear_merge([torch.ones(4), 2 * torch.ones(4)], [1.0, -3.0], normalize=False, backend=backend)
+    ones = torch.ones(4, device=device_for(backend))
+    plain = linear_merge([ones, 2 * ones], [1.0, -3.0], normalize=False, backend=backend)
     assert torch.equal(plain.cpu(), torch.full((4,), -5.0))
 
 

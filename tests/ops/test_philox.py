@@ -60,14 +60,14 @@ def test_matches_triton_philox():
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     @triton.jit
-    def _words_kernel(out_ptr, seed, offset, model, stream, n, BLOCK: tl.constexpr):
+    def _words_kernel(out_ptr, seed, offset, model, philox_stream, n, BLOCK: tl.constexpr):
         idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         j = offset + idx
         q = j // 4
         c0 = q.to(tl.uint32)
         c1 = (q >> 32).to(tl.uint32)
         zero = tl.zeros_like(c0)
-        r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero + model, zero + stream)
+        r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero + model, zero + philox_stream)
         r = j % 4
         word = tl.where(r == 0, r0, tl.where(r == 1, r1, tl.where(r == 2, r2, r3)))
         tl.store(out_ptr + idx, word, mask=idx < n)

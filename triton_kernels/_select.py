@@ -13,7 +13,8 @@ merged once per program into a [K, bins] global histogram, one atomic add per no
 thousand programs per bin at most, instead of one atomic per entry piling onto the few bins real
 task vectors fall into). The last level stores each program's small histogram unmerged, so the
 number of keys equal to T in every chunk is known without another pass. All models of a call run in
-one launch per level (grid: chunks × models); the bin holding the k-th key is found with small
+one launch per level (grid: models × chunks, models fastest so that the K programs of a chunk share
+its base reads in L2); the bin holding the k-th key is found with small
 torch cumsums on the device: no host synchronisation anywhere.
 
 A selection is encoded per model as (T, J): an entry j is kept when key > T, or key = T and j < J.
@@ -42,7 +43,8 @@ KEEP_NONE = 1 << 31   # above every key
 KEEP_ALL = -1         # below every key
 # (shift, width) of each radix level, most significant first
 LEVELS = {16: ((7, 8), (0, 7)), 32: ((20, 11), (9, 11), (0, 9))}
-CHUNK_BLOCKS = (64, 16, 4, 1)   # blocks per program, the largest that still fills the GPU
+CHUNK_BLOCKS = (256, 64, 16, 4, 1)   # blocks per program: the largest that still fills the GPU
+# (chunks are grid dimension 1, at most 65,535: with 256 blocks of 1024, tensors up to 17G elements)
 MIN_PROGRAMS = 2048
 
 
@@ -87,13 +89,14 @@ def _level_kernel(table, base_ptr, prefix_ptr, hist_ptr, l1_ptr, n, nprog,
                   SHIFT: tl.constexpr, WIDTH: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
                   WANT_L1: tl.constexpr, HAS_BASE: tl.constexpr, ELT: tl.constexpr, ALIGNED: tl.constexpr,
                   BLOCK: tl.constexpr, CHUNK_BLOCKS: tl.constexpr):
-    """One radix level for chunk ``program_id(0)`` of model ``program_id(1)``: the histogram of key bits
+    """One radix level for model ``program_id(0)`` and chunk ``program_id(1)`` (models vary fastest, so
+    the K programs of a chunk run together and read the base chunk from L2): the histogram of key bits
     [SHIFT, SHIFT + WIDTH) over the keys whose higher bits equal the model's prefix (all keys on the
     FIRST level). Not LAST: merged into row i of hist [K, 2^WIDTH] (one atomic per non-empty bin);
     LAST: stored as row (i, chunk) of hist [K, nprog, 2^WIDTH]. With WANT_L1, the chunk's Σ|δ| (FIRST)
     or Σ|δ| over the keys whose higher bits exceed the prefix (LAST), in fp64, to l1 [K, nprog]."""
-    pid = tl.program_id(0)
-    i = tl.program_id(1)
+    i = tl.program_id(0)
+    pid = tl.program_id(1)
     BINS: tl.constexpr = 1 << WIDTH
     if FIRST:
         prefix = 0
@@ -203,7 +206,7 @@ def select_top_magnitude(inputs: list[torch.Tensor], base: torch.Tensor | None, 
         last = level == len(levels) - 1
         shape = (models, nprog, 1 << width) if last else (models, 1 << width)
         hist = (torch.empty if last else torch.zeros)(shape, dtype=torch.int32, device=device)
-        _level_kernel[(nprog, models)](table, base_arg, prefix, hist, l1_last if last else l1_first, n, nprog,
+        _level_kernel[(models, nprog)](table, base_arg, prefix, hist, l1_last if last else l1_first, n, nprog,
                                        SHIFT=shift, WIDTH=width, FIRST=level == 0, LAST=last,
                                        WANT_L1=want_l1 and (level == 0 or last), **common)
         merged = (hist.sum(1) if last else hist).to(torch.int64)

@@ -71,62 +71,39 @@ def make_sinkhorn_case(B=16, n=512, m=512, reg=0.05, tol=1e-9, device="cpu", max
     case.providers["torch-reference"] = lambda: int(sinkhorn(cost, backend="torch", **kw).n_iter.sum())
     try:
         import ot
-        from ot.bregman import sinkhorn_log
     except ImportError:
         return case
-    if device == "cuda":  # POT on the same GPU, torch tensors through its backend
-        return _pot_on_gpu(case, ot, cost, kw)
-    costs_np = cost64.numpy()
-    a, b = np.full(n, 1.0 / n), np.full(m, 1.0 / m)
+    if device == "cuda":  # POT's own solvers on the same GPU, given torch tensors (its torch backend)
+        a = torch.full((n,), 1.0 / n, dtype=dtype, device=device)
+        b = torch.full((m,), 1.0 / m, dtype=dtype, device=device)
+        return _add_pot(case, lambda *args, **kw: ot.sinkhorn(*args, method="sinkhorn_log", **kw), cost, a, b,
+                        " (GPU)")
+    return _add_pot(case, ot.bregman.sinkhorn_log, cost64.numpy(), np.full(n, 1.0 / n), np.full(m, 1.0 / m), "")
+
+
+def _add_pot(case: SinkhornCase, sinkhorn_log, costs, a, b, suffix: str) -> SinkhornCase:
+    """POT's log-domain solver problem by problem, and its batched ``ot.batch.solve_batch``, on
+    ``costs`` (numpy or torch, as POT takes either), same reg, tolerance and iteration cap."""
 
     def pot_sinkhorn_log() -> int:
         total = 0
-        for q in range(B):
-            _, log = sinkhorn_log(a, b, costs_np[q], reg, numItermax=max_iter, stopThr=tol, log=True, warn=False)
-            total += log["niter"] + 1
-        return total
-
-    case.providers["POT sinkhorn_log"] = pot_sinkhorn_log
-    try:
-        from ot.batch import solve_batch
-    except ImportError:
-        return case
-
-    def pot_solve_batch() -> int:
-        res = solve_batch(costs_np, reg, max_iter=max_iter, tol=tol, method="log_sinkhorn")
-        return B * (int(res.log["n_iter"]) + 1)
-
-    case.providers["POT solve_batch"] = pot_solve_batch
-    return case
-
-
-def _pot_on_gpu(case: SinkhornCase, ot, cost: torch.Tensor, kw: dict) -> SinkhornCase:
-    """POT's own solvers given torch CUDA tensors: ``ot.sinkhorn(method="sinkhorn_log")`` per problem
-    and the batched ``ot.batch.solve_batch``, same reg, tolerance and iteration cap."""
-    B, n, m = cost.shape
-    a = torch.full((n,), 1.0 / n, dtype=cost.dtype, device=cost.device)
-    b = torch.full((m,), 1.0 / m, dtype=cost.dtype, device=cost.device)
-    reg, tol, max_iter = kw["reg"], kw["tol"], kw["max_iter"]
-
-    def pot_sinkhorn_log() -> int:
-        total = 0
-        for q in range(B):
-            _, log = ot.sinkhorn(a, b, cost[q], reg, method="sinkhorn_log", numItermax=max_iter, stopThr=tol,
-                                 log=True, warn=False)
+        for q in range(case.B):
+            _, log = sinkhorn_log(a, b, costs[q], case.reg, numItermax=case.max_iter, stopThr=case.tol, log=True,
+                                  warn=False)
             total += int(log["niter"]) + 1
         return total
 
-    case.providers["POT sinkhorn_log (GPU)"] = pot_sinkhorn_log
+    case.providers[f"POT sinkhorn_log{suffix}"] = pot_sinkhorn_log
     try:
         from ot.batch import solve_batch
     except ImportError:
         return case
 
     def pot_solve_batch() -> int:
-        res = solve_batch(cost, reg, max_iter=max_iter, tol=tol, method="log_sinkhorn")
-        return B * (int(res.log["n_iter"]) + 1)
+        res = solve_batch(costs, case.reg, max_iter=case.max_iter, tol=case.tol, method="log_sinkhorn")
+        return case.B * (int(res.log["n_iter"]) + 1)
 
-    case.providers["POT solve_batch (GPU)"] = pot_solve_batch
+    case.providers[f"POT solve_batch{suffix}"] = pot_solve_batch
     return case
 
 

@@ -8,14 +8,14 @@ largest key, found digit by digit from histograms, never by sorting:
 * fp32: three levels of 11, 11 and 9 bits.
 
 **No contended atomics.** Each program walks a chunk of ``CHUNK_BLOCKS`` blocks and builds its
-histogram locally (``tl.histogram``: registers and shared memory). A level other than the last is
-merged once per program into a [K, bins] global histogram, one atomic add per non-empty bin (a few
-thousand programs per bin at most, instead of one atomic per entry piling onto the few bins real
-task vectors fall into). The last level stores each program's small histogram unmerged, so the
-number of keys equal to T in every chunk is known without another pass. All models of a call run in
-one launch per level (grid: models × chunks, models fastest so that the K programs of a chunk share
-its base reads in L2); the bin holding the k-th key is found with small
-torch cumsums on the device: no host synchronisation anywhere.
+histogram locally (``tl.histogram``: registers and shared memory), then merges it once into a
+[K, bins] global histogram, one atomic add per non-empty bin (a few thousand programs per bin at
+most, instead of one atomic per entry piling onto the few bins real task vectors fall into). The last
+digit also stores each program's small histogram, so the number of keys equal to T in every chunk is
+known without another pass. All models of a call run in one launch per digit (grid: models × chunks,
+models fastest so that the K programs of a chunk share its base reads in L2); after each digit one
+tiny kernel (one program per model) picks the bin holding the k-th key on the device: no host
+synchronisation, and 2 (fp16/bf16) or 3 (fp32) × 2 launches plus one for the tie cutoff.
 
 A selection is encoded per model as (T, J): an entry j is kept when key > T, or key = T and j < J.
 With ``tie="index"`` J is one past the r-th key equal to T (r = k − #{key > T}), located by one
@@ -85,16 +85,16 @@ def _load_delta(table, base_ptr, i, offs, mask, HAS_BASE: tl.constexpr, ELT: tl.
 
 
 @triton.jit
-def _level_kernel(table, base_ptr, prefix_ptr, hist_ptr, l1_ptr, n, nprog,
+def _level_kernel(table, base_ptr, prefix_ptr, hist_ptr, rows_ptr, l1_ptr, n, nprog,
                   SHIFT: tl.constexpr, WIDTH: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
-                  WANT_L1: tl.constexpr, HAS_BASE: tl.constexpr, ELT: tl.constexpr, ALIGNED: tl.constexpr,
-                  BLOCK: tl.constexpr, CHUNK_BLOCKS: tl.constexpr):
-    """One radix level for model ``program_id(0)`` and chunk ``program_id(1)`` (models vary fastest, so
+                  STORE_ROWS: tl.constexpr, WANT_L1: tl.constexpr, HAS_BASE: tl.constexpr, ELT: tl.constexpr,
+                  ALIGNED: tl.constexpr, BLOCK: tl.constexpr, CHUNK_BLOCKS: tl.constexpr):
+    """One radix digit for model ``program_id(0)`` and chunk ``program_id(1)`` (models vary fastest, so
     the K programs of a chunk run together and read the base chunk from L2): the histogram of key bits
     [SHIFT, SHIFT + WIDTH) over the keys whose higher bits equal the model's prefix (all keys on the
-    FIRST level). Not LAST: merged into row i of hist [K, 2^WIDTH] (one atomic per non-empty bin);
-    LAST: stored as row (i, chunk) of hist [K, nprog, 2^WIDTH]. With WANT_L1, the chunk's Σ|δ| (FIRST)
-    or Σ|δ| over the keys whose higher bits exceed the prefix (LAST), in fp64, to l1 [K, nprog]."""
+    FIRST digit), merged into row i of hist [K, 2^WIDTH] with one atomic per non-empty bin; with
+    STORE_ROWS also stored as row (i, chunk) of rows [K, nprog, 2^WIDTH]. With WANT_L1, the chunk's
+    Σ|δ| (FIRST) or Σ|δ| over the keys whose higher bits exceed the prefix (LAST), fp64, to l1 [K, nprog]."""
     i = tl.program_id(0)
     pid = tl.program_id(1)
     BINS: tl.constexpr = 1 << WIDTH
@@ -118,24 +118,54 @@ def _level_kernel(table, base_ptr, prefix_ptr, hist_ptr, l1_ptr, n, nprog,
             else:
                 l1 += tl.where(high > prefix, magnitude, 0.0)
     bins = tl.arange(0, BINS)
-    if LAST:
-        tl.store(hist_ptr + (i.to(tl.int64) * nprog + pid) * BINS + bins, counts)
-    else:
-        tl.atomic_add(hist_ptr + i * BINS + bins, counts, mask=counts != 0)
+    tl.atomic_add(hist_ptr + i * BINS + bins, counts, mask=counts != 0)
+    if STORE_ROWS:
+        tl.store(rows_ptr + (i.to(tl.int64) * nprog + pid) * BINS + bins, counts)
     if WANT_L1:
         tl.store(l1_ptr + i * nprog + pid, tl.sum(l1))
 
 
 @triton.jit
-def _tie_cutoff_kernel(table, base_ptr, threshold_ptr, chunk_ptr, rank_ptr, cutoff_ptr, n,
-                       HAS_BASE: tl.constexpr, ELT: tl.constexpr, ALIGNED: tl.constexpr,
-                       BLOCK: tl.constexpr, CHUNK_BLOCKS: tl.constexpr):
-    """For model ``program_id(0)``: one past the index of the r-th key equal to T in chunk p (the
-    chunk that holds the last kept tie), i.e. the cutoff J of ``keep_top``."""
+def _choose_digit_kernel(hist_ptr, need_ptr, prefix_ptr, digit_ptr, at_ptr, WIDTH: tl.constexpr):
+    """For model ``program_id(0)``: the bin t of its merged digit histogram that holds the need-th
+    largest key still in play; need -= the keys in the bins above t, prefix = prefix · 2^WIDTH + t,
+    and t and its count are stored (digit, at)."""
     i = tl.program_id(0)
+    BINS: tl.constexpr = 1 << WIDTH
+    bins = tl.arange(0, BINS)
+    counts = tl.load(hist_ptr + i * BINS + bins).to(tl.int64)
+    need = tl.load(need_ptr + i)
+    at_or_above = tl.sum(counts) - tl.cumsum(counts, axis=0) + counts   # keys in bins >= b
+    t = tl.sum((at_or_above >= need).to(tl.int64)) - 1
+    tl.store(need_ptr + i, need - tl.sum(tl.where(bins > t, counts, 0)))
+    tl.store(prefix_ptr + i, (tl.load(prefix_ptr + i) << WIDTH) | t)
+    tl.store(digit_ptr + i, t)
+    tl.store(at_ptr + i, tl.sum(tl.where(bins == t, counts, 0)))
+
+
+@triton.jit
+def _tie_cutoff_kernel(table, base_ptr, threshold_ptr, digit_ptr, quota_ptr, rows_ptr, cutoff_ptr, n, nprog,
+                       WIDTH: tl.constexpr, HAS_BASE: tl.constexpr, ELT: tl.constexpr, ALIGNED: tl.constexpr,
+                       BLOCK: tl.constexpr, CHUNK_BLOCKS: tl.constexpr):
+    """For model ``program_id(0)``: the cutoff J of ``keep_top``, one past the index of the quota-th key
+    equal to T. The chunk holding it comes from the last digit's per-chunk counts in T's bin (rows);
+    one walk over that chunk then finds the entry."""
+    i = tl.program_id(0)
+    BINS: tl.constexpr = 1 << WIDTH
     threshold = tl.load(threshold_ptr + i).to(tl.int32)
-    chunk = tl.load(chunk_ptr + i)
-    rank = tl.load(rank_ptr + i)
+    column = rows_ptr + i.to(tl.int64) * nprog * BINS + tl.load(digit_ptr + i)
+    quota = tl.load(quota_ptr + i)
+    running = tl.zeros([], tl.int64)
+    chunk = tl.zeros([], tl.int64)
+    rank = tl.zeros([], tl.int64)
+    for c0 in range(0, nprog, BLOCK):
+        c = c0 + tl.arange(0, BLOCK)
+        ties = tl.load(column + c.to(tl.int64) * BINS, mask=c < nprog, other=0).to(tl.int64)
+        upto = running + tl.cumsum(ties, axis=0)
+        first = (upto >= quota) & (upto - ties < quota)   # the one chunk where the count reaches quota
+        chunk += tl.sum(tl.where(first, c, 0).to(tl.int64))
+        rank += tl.sum(tl.where(first, quota - (upto - ties), 0))
+        running += tl.sum(ties)
     seen = tl.zeros([], tl.int64)
     found = tl.zeros([], tl.int64) + n
     for b in range(CHUNK_BLOCKS):
@@ -147,15 +177,6 @@ def _tie_cutoff_kernel(table, base_ptr, threshold_ptr, chunk_ptr, rank_ptr, cuto
         found = tl.minimum(found, tl.min(tl.where(hit, offs, n)))
         seen += tl.sum(tie)
     tl.store(cutoff_ptr + i, found + 1)
-
-
-def _kth_bin(hist: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of ``hist``: the bin t holding the k-th largest key (1 ≤ k ≤ row total) and the number
-    of keys in the bins above t."""
-    at_or_above = hist.flip(1).cumsum(1).flip(1)               # keys in bins ≥ b
-    t = (at_or_above >= k[:, None]).sum(1) - 1
-    above = (at_or_above.gather(1, t[:, None]) - hist.gather(1, t[:, None])).squeeze(1)
-    return t, above
 
 
 def _magnitude_of_key(key: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -191,47 +212,48 @@ def select_top_magnitude(inputs: list[torch.Tensor], base: torch.Tensor | None, 
 
     models = len(active)
     table, aligned = C.pointer_table([inputs[i] for i in active])
-    rows = torch.tensor(active, dtype=torch.int64, device=device)
     blocks = chunk_blocks(triton.cdiv(n, C.BLOCK), models)
     nprog = triton.cdiv(n, C.BLOCK * blocks)
     common = dict(HAS_BASE=base is not None, ELT=C.element_type(dtype), ALIGNED=aligned, BLOCK=C.BLOCK,
                   CHUNK_BLOCKS=blocks, **C.launch_options())
     base_arg = first if base is None else base
     levels = LEVELS[8 * first.element_size()]
-    need = k_all[active].to(device)                          # rank of T among the keys still in play
-    prefix = torch.zeros(models, dtype=torch.int64, device=device)
+    tie_index = tie == "index"
+    # per model: need (the rank of T among the keys still in play), prefix (T's digits so far), digit
+    # (the last digit chosen) and at (the keys in its bin); one host-to-device copy
+    state = torch.zeros((4, models), dtype=torch.int64)
+    state[0] = k_all[active]
+    need, prefix, digit, at = state.to(device)
+    hists = torch.zeros(models * sum(1 << width for _, width in levels), dtype=torch.int32, device=device)
+    width = levels[-1][1]
+    rows_last = torch.empty((models, nprog, 1 << width) if tie_index else (1,), dtype=torch.int32, device=device)
     l1_first = torch.empty((models, nprog) if want_l1 else (1,), dtype=torch.float64, device=device)
     l1_last = torch.empty_like(l1_first)
+    start = 0
     for level, (shift, width) in enumerate(levels):
         last = level == len(levels) - 1
-        shape = (models, nprog, 1 << width) if last else (models, 1 << width)
-        hist = (torch.empty if last else torch.zeros)(shape, dtype=torch.int32, device=device)
-        _level_kernel[(models, nprog)](table, base_arg, prefix, hist, l1_last if last else l1_first, n, nprog,
-                                       SHIFT=shift, WIDTH=width, FIRST=level == 0, LAST=last,
-                                       WANT_L1=want_l1 and (level == 0 or last), **common)
-        merged = (hist.sum(1) if last else hist).to(torch.int64)
-        t, above = _kth_bin(merged, need)
-        need = need - above
-        higher = prefix
-        prefix = (prefix << width) | t
-    at_t = merged.gather(1, t[:, None]).squeeze(1)
-    quota = need if tie == "index" else at_t                 # keys equal to T that are kept
+        hist = hists[start:start + models * (1 << width)]
+        start += models * (1 << width)
+        _level_kernel[(models, nprog)](table, base_arg, prefix, hist, rows_last, l1_last if last else l1_first,
+                                       n, nprog, SHIFT=shift, WIDTH=width, FIRST=level == 0, LAST=last,
+                                       STORE_ROWS=last and tie_index, WANT_L1=want_l1 and (level == 0 or last),
+                                       **common)
+        _choose_digit_kernel[(models,)](hist, need, prefix, digit, at, WIDTH=width, **C.launch_options())
+    quota = need if tie_index else at                    # keys equal to T that are kept
 
-    if tie == "index":
-        ties = hist.gather(2, t[:, None, None].expand(models, nprog, 1)).squeeze(2).to(torch.int64)
-        before = ties.cumsum(1)
-        chunk = (before < quota[:, None]).sum(1).clamp(max=nprog - 1)   # chunk holding the quota-th tie
-        rank = quota - (before - ties).gather(1, chunk[:, None]).squeeze(1)
+    rows = torch.tensor(active, dtype=torch.int64, device=device) if models < len(ks) else slice(None)
+    if tie_index:
         cut = torch.empty(models, dtype=torch.int64, device=device)
-        _tie_cutoff_kernel[(models,)](table, base_arg, prefix, chunk, rank, cut, n, **common)
+        _tie_cutoff_kernel[(models,)](table, base_arg, prefix, digit, quota, rows_last, cut, n, nprog,
+                                      WIDTH=width, **common)
         cutoff[rows] = cut
     else:
         cutoff[rows] = n
     if want_l1:
         bins = torch.arange(1 << width, device=device)
-        bucket = _magnitude_of_key((higher[:, None] << width) | bins, dtype)   # keys of T's last-level bucket
-        in_bucket_above = torch.where(bins > t[:, None], merged.double() * bucket, 0.0).sum(1)
+        bucket = _magnitude_of_key(((prefix >> width)[:, None] << width) | bins, dtype)   # keys of T's last bin
+        above_in_bucket = torch.where(bins > digit[:, None], hist.view(models, -1).double() * bucket, 0.0).sum(1)
         l1_all[rows] = l1_first.sum(1)
-        l1_kept[rows] = l1_last.sum(1) + in_bucket_above + quota.double() * _magnitude_of_key(prefix, dtype)
+        l1_kept[rows] = l1_last.sum(1) + above_in_bucket + quota.double() * _magnitude_of_key(prefix, dtype)
     threshold[rows] = prefix
     return Selection(threshold, cutoff, l1_all, l1_kept)

@@ -96,3 +96,20 @@ def test_all_ties_cutoff_in_middle_chunk(small_blocks):
     for k in (1, 700, n - 1):
         sel = small_blocks.select_top_magnitude([x], None, [k], "index")
         assert int(sel.cutoff[0]) == k
+
+
+def test_cutoff_search_over_many_chunks(monkeypatch):
+    """More chunks than a block holds: the search for the chunk of the last kept tie loops over
+    several tiles of per-chunk counts."""
+    from fusion_engine.triton_kernels import _common, _select
+
+    monkeypatch.setattr(_common, "BLOCK", 16)
+    monkeypatch.setattr(_select, "CHUNK_BLOCKS", (1,))
+    n = 1200  # 75 chunks of 16
+    x = tie_heavy(torch.Generator().manual_seed(9), n, torch.bfloat16)
+    for k in (5, 611, n - 3):
+        sel = _select.select_top_magnitude([x], None, [k], "index")
+        key = x.view(torch.int16).to(torch.int64) & 0x7FFF
+        t, j = int(sel.threshold[0]), int(sel.cutoff[0])
+        kept = (key > t) | ((key == t) & (torch.arange(n) < j))
+        assert_bitwise_equal(kept, topk_magnitude_reference(x, k, "index"), f"k={k}")

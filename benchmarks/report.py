@@ -77,7 +77,11 @@ def main() -> None:
                           flush=True)
                 rows.append((case, floor, times))
                 del case
+                write_table(args, rows, bandwidth, ours)  # after every case: a run cut short keeps its rows
 
+
+def write_table(args, rows, bandwidth: float, ours: str) -> None:
+    """The results table so far, as the head of ``args.out`` (the sections below MARKER kept)."""
     simd = fe._C.simd_level() if fe.backends()["cpp"].usable else "n/a"
     machine = (torch.cuda.get_device_name() if args.device == "cuda"
                else f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, cpp SIMD clone `{simd}`")
@@ -104,7 +108,7 @@ def main() -> None:
             speedup = f"{t / mine:.1f}×" if mine and provider != ours else ""
             lines.append(
                 f"| {case.op} | {str(case.dtype).replace('torch.', '')} | {case.K} | "
-                f"{case.floor_passes}, {floor * 1e3:.1f} ms | {provider} | {t * 1e3:.1f} | "
+                f"{case.floor_passes}, {floor * 1e3:.3g} ms | {provider} | {t * 1e3:.3g} | "
                 f"{case.floor_bytes / t / 1e9:.1f} | {t / floor:.2f} | {speedup} |"
             )
     # the merge-op table is the head of RESULTS.md; the sections below the marker come from the other

@@ -84,7 +84,8 @@ PY
 XDIST=()
 "${PY[@]}" -c "import xdist" 2>/dev/null && XDIST=(-n "${TEST_WORKERS:-16}")
 "${PY[@]}" -c "import pytest_timeout" 2>/dev/null && XDIST+=(--timeout 60)
-stage pytest 130 150 pytest.txt "${PY[@]}" -m pytest "$REPO/tests" -p no:cacheprovider -q -rfE \
+# -v: one line per test as it finishes, so a run cut by its timeout still shows every failure so far
+stage pytest 150 150 pytest.txt "${PY[@]}" -m pytest "$REPO/tests" -p no:cacheprovider -v --tb=short -rfE \
   "${XDIST[@]}" -k "${TEST_FILTER:-triton or cuda or gpu}"
 
 # --- timings -------------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 Each case builds its inputs once and offers one callable per provider:
 ``fusion_engine-<backend>`` (ours), ``torch-reference`` (the op's eager oracle), ``mergekit``
 (``merge_tensors``, 0.1.5) and ``peft`` (``peft.utils.merge_utils``, given task vectors as PEFT
-users do; on a GPU also ``peft-torch.compile``, the same function under ``torch.compile``). ``floor_bytes`` is the minimum traffic of the op: every input read once per pass the
-algorithm needs, the output written once.
+users do; on a GPU also ``peft-torch.compile``, the same function under ``torch.compile``).
+``floor_bytes`` is the minimum traffic of the op: every input read once per pass the algorithm
+needs, the output written once.
 """
 
 from __future__ import annotations

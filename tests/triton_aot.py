@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             failed += error is not None
     import triton
 
-    print(f"triton {triton.__version__}: {len(specs) - failed}/{len(specs)} specialisations compiled for sm_{args.arch}")
+    compiled = len(specs) - failed
+    print(f"triton {triton.__version__}: {compiled}/{len(specs)} specialisations compiled for sm_{args.arch}")
     return 1 if failed else 0
 
 

@@ -4,8 +4,8 @@ The key of an entry is the bit pattern of its magnitude in the inputs' dtype (th
 sign: 15 for fp16/bf16, 31 for fp32); keys order like magnitudes. The threshold T is the k-th
 largest key, found digit by digit from histograms, never by sorting:
 
-* fp16/bf16: two levels, the high 8 key bits, then the low 7 bits of the keys in the chosen bin;
-* fp32: three levels of 11, 11 and 9 bits.
+* fp16/bf16: two digits, the high 8 key bits, then the low 7 bits of the keys in the chosen bin;
+* fp32: three digits of 11, 11 and 9 bits.
 
 **No contended atomics.** Each program walks a chunk of ``CHUNK_BLOCKS`` blocks and builds its
 histogram locally (``tl.histogram``: registers and shared memory), then merges it once into a
@@ -24,9 +24,9 @@ first. With ``tie="threshold"`` J = n (every key ≥ T is kept). k = 0 and k = n
 T = 2^31 (above every key) keeps nothing, T = −1 keeps everything.
 
 Passes over the data: 2 (fp16/bf16) or 3 (fp32), all models at once; the caller's final pass
-(mask or merge) is the last read. ``rescale="l1"`` costs no extra pass: the first level sums |δ|,
+(mask or merge) is the last read. ``rescale="l1"`` costs no extra pass: the first digit sums |δ|,
 the last sums |δ| of the keys whose higher digits are above T's, and the keys above T inside T's
-last-level bucket are whole bins of known magnitude.
+last-digit bin are whole bins of known magnitude.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from . import _common as C
 
 KEEP_NONE = 1 << 31   # above every key
 KEEP_ALL = -1         # below every key
-# (shift, width) of each radix level, most significant first
+# (shift, width) of each radix digit, most significant first
 LEVELS = {16: ((7, 8), (0, 7)), 32: ((20, 11), (9, 11), (0, 9))}
 CHUNK_BLOCKS = (256, 64, 16, 4, 1)   # blocks per program: the largest that still fills the GPU
 # (chunks are grid dimension 1, at most 65,535: with 256 blocks of 1024, tensors up to 17G elements)

@@ -101,7 +101,8 @@ def _cost_matrix_kernel(x_ptr, y_ptr, out_ptr, n, m, d, inv_d,
             x_sum = tl.sum(x_sum_part, axis=1)
             y_sum = tl.sum(y_sum_part, axis=1)
             dots = dots - (x_sum[:, None] * y_sum[None, :]) * inv_d
-            x_constant = (tl.min(x_min_part, axis=1) == tl.max(x_max_part, axis=1)) & (x_sq == x_sq)  # NaN: not constant
+            # a constant row has min = max; a NaN row (x_sq != x_sq) is not constant
+            x_constant = (tl.min(x_min_part, axis=1) == tl.max(x_max_part, axis=1)) & (x_sq == x_sq)
             y_constant = (tl.min(y_min_part, axis=1) == tl.max(y_max_part, axis=1)) & (y_sq == y_sq)
             x_sq = tl.where(x_constant, 0.0, _clamp_min_zero(x_sq - x_sum * x_sum * inv_d))
             y_sq = tl.where(y_constant, 0.0, _clamp_min_zero(y_sq - y_sum * y_sum * inv_d))

@@ -78,7 +78,7 @@ def test_no_parameter_is_a_launch_option():
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # FUSION_ENGINE_AOT_ALL=1: the full product of every op's options, each recorded specialisation
-# compiled (~190, ~10 minutes on 2 cores); by default each option value once per dtype, the others
+# compiled (~200, ~10 minutes on 2 cores); by default each option value once per dtype, the others
 # at a default, and of those launches a covering subset (every flag value and type once per kernel)
 ALL = os.environ.get("FUSION_ENGINE_AOT_ALL", "0") not in ("", "0")
 

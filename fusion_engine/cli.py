@@ -5,6 +5,8 @@
     fusion-engine-yaml CONFIG OUT_DIR    the same, as mergekit-yaml's command line
     fusion-engine moe CONFIG OUT_DIR     build a Mixtral / Qwen-MoE model from dense experts (mergekit-moe YAML)
     fusion-engine evolve [CONFIG]        CMA-ES search of a merge recipe (or --example digits)
+    fusion-engine extract-lora ...       a PEFT LoRA adapter from a fine-tuned model and its base (SVD)
+    fusion-engine merge-adapters ...     PEFT LoRA adapters merged into one adapter (on the products B·A)
     fusion-engine demo                   build tiny seeded Llama checkpoints, merge them with `merge`,
                                          load the result with transformers and generate a few tokens
     fusion-engine selftest               merge small seeded MLPs with every op on every usable backend
@@ -35,6 +37,7 @@ from . import __version__
 from .analysis import command as analysis_command
 from .data_aware import command as measure_command
 from .evolve import command as evolve_command
+from .lora import command as lora_command
 from .moe import command as moe_command
 from .errors import (
     CheckpointError,
@@ -228,6 +231,7 @@ def _parser() -> argparse.ArgumentParser:
                                          "folder appears only when complete.")
     _add_merge_arguments(p_merge)
 
+    lora_command.add_parser(sub)
     moe_command.add_parser(sub)
     evolve_command.add_parser(sub)
 
@@ -274,6 +278,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             return moe_command.run(args, _check_device(args.device))
         if args.command == "evolve":
             return evolve_command.run(args, _check_device(args.device))
+        if args.command in ("extract-lora", "merge-adapters"):
+            return lora_command.run(args, _check_device(getattr(args, "device", "cpu")))
         if args.command == "demo":
             from .demo import run_demo
 

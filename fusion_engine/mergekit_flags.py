@@ -32,8 +32,8 @@ log = logging.getLogger("fusion_engine")
 NO_OPS = {
     "allow_crimes": "fusion_engine does not check architectures against each other; tensor shapes are checked",
     "transformers_cache": "models are local folders; nothing is downloaded",
-    "lora_merge_cache": "no LoRA is applied at load time",
-    "lora_merge_dtype": "no LoRA is applied at load time",
+    "lora_merge_cache": "BASE+LORA references are applied per tensor while streaming: nothing is cached",
+    "lora_merge_dtype": "LoRA deltas are added in each base tensor's dtype, as PEFT's merge_and_unload does",
     "low_cpu_memory": "tensors are streamed one at a time; results always go to the host writer",
     "clone_tensors": "every output tensor is written from its own buffer",
     "trust_remote_code": "no model code is ever executed (only safetensors headers and config.json are read)",

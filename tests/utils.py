@@ -408,3 +408,52 @@ def corpus_case(path: Path):
     """A ``pytest.param`` of one corpus file with the verdict both readers must give: True (opens) for
     ``valid_*`` and ``package_*`` files, False (rejected as malformed) for ``bad_*`` ones."""
     return pytest.param(path, not path.name.startswith("bad_"), id=path.stem)
+
+
+# ----------------------------------------------------------------------------------------------
+# mergekit alongside
+
+
+_MERGEKIT_DRIVER = """\
+import sys
+from mergekit.scripts.run_yaml import main
+extra = sys.argv[1].split()
+for config, out in zip(sys.argv[2::2], sys.argv[3::2]):
+    main([config, out, "--quiet", *extra], standalone_mode=False)
+"""
+
+
+def merge_alongside_mergekit(jobs: Sequence[tuple[str, str, str]], run_ours: Callable[[str, str], None],
+                             mergekit_flags: str = "--no-write-model-card", timeout: float = 300) -> None:
+    """For ``jobs`` = [(config, our output, mergekit's output)]: ``mergekit-yaml`` runs every config in one
+    child process (offline; its import dominates the time) while ``run_ours(config, out)`` runs ours."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1")}
+    child = subprocess.Popen([sys.executable, "-c", _MERGEKIT_DRIVER, mergekit_flags,
+                              *[a for config, _, theirs in jobs for a in (config, theirs)]],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        for config, ours, _ in jobs:
+            run_ours(config, ours)
+        log, _ = child.communicate(timeout=timeout)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 0, log[-4000:]
+
+
+def load_dir(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors checkpoint folder (all shards)."""
+    import glob
+    import os
+
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        out.update(load_file(f))
+    return out

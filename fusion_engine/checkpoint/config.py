@@ -3,7 +3,8 @@
 A config is the mergekit schema (``mergekit-yaml`` reads the same files)::
 
     merge_method: ties                 # any name in fusion_engine.methods.names()
-    base_model: ./base                 # local folder or file (no hub downloads)
+    base_model: ./base                 # local folder or file (no hub downloads); BASE+LORA anywhere a
+                                       # model is named: the PEFT adapter merged per tensor (fusion_engine.lora)
     models:                            # either models: ...
       - model: ./math
         parameters: {weight: 0.5, density: [0.2, 0.8]}    # a list is a gradient over the layers
@@ -20,7 +21,9 @@ A config is the mergekit schema (``mergekit-yaml`` reads the same files)::
     parameters: {normalize: true}      # global level; a slice may have its own parameters too
     dtype: float32                     # inputs are cast to it before merging
     out_dtype: bfloat16                # the written tensors' dtype
-    tokenizer_source: base             # base | a model | (none: the base's tokenizer files are copied)
+    tokenizer_source: base             # base | union | a model (model:<path>); none: the base's files copied
+    tokenizer: {source: union, tokens: {...}}   # or this block (fusion_engine.tokenizer.spec)
+    chat_template: chatml              # a template name, auto, or a literal Jinja template
 
 This module only parses: the values stay as written (:class:`Setting`); the planner
 (:mod:`fusion_engine.checkpoint.planner`) resolves them per tensor (levels, filters, gradients).
@@ -41,6 +44,7 @@ import yaml
 
 from ..errors import ConfigError, brief_repr
 from ..io.files import open_input
+from ..tokenizer.spec import TokenizerSpec, parse_tokenizer_block, source_name
 
 DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -49,12 +53,10 @@ DTYPES = {
     "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
 }
 TOP_LEVEL_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
-                  "tokenizer_source", "name", "lines", "alignment")
+                  "tokenizer_source", "tokenizer", "chat_template", "name", "lines", "alignment")
 ALIGNMENTS = ("weight_matching", "activation_matching")  # permute the models onto the reference before merging
 UNSUPPORTED_KEYS = {
     "modules": "write the merge with top-level `models:` or `slices:`",
-    "tokenizer": "use `tokenizer_source: base` (or a model path) instead of a `tokenizer:` block",
-    "chat_template": "copy the chat template into the output's tokenizer_config.json after merging",
 }
 
 Scalar = bool | int | float | str
@@ -116,6 +118,8 @@ class MergeConfig:
     alignment: str | None = None
     alignment_data: str | None = None  # prompts (or token ids) file for alignment: activation_matching
     filename: str = "config.yaml"
+    tokenizer: TokenizerSpec | None = None  # the tokenizer: block (fusion_engine.tokenizer)
+    chat_template: str | None = None  # a template name (chatml, llama3, ..., auto) or a literal template
     base_dir: str = "."
     path: str | None = None  # the file it was read from (copied to the output as mergekit_config.yml)
     text: str = ""
@@ -263,9 +267,11 @@ class _Doc:
     def model_ref(self, node: yaml.Node, what: str) -> str:
         if isinstance(node, yaml.MappingNode):  # mergekit's long form: {model: {path: ...}} / {path: ...}
             entries = self.mapping(node, what)
-            if "lora" in entries:
-                raise self.error(node, f"{what}: LoRA references are not supported in a merge config",
-                                 "merge the adapter into its model first and name that folder")
+            if "lora" in entries:  # {model: ..., lora: ...} is mergekit's long form of MODEL+LORA
+                model = self.model_ref(entries["model"][1], what) if "model" in entries else None
+                if model is None:
+                    raise self.error(node, f"{what} has a 'lora' but no 'model'", "add the base model's path")
+                return f"{model}+{self.model_ref(entries['lora'][1], what)}"
             if "model" in entries:
                 return self.model_ref(entries["model"][1], what)
             if "path" in entries:
@@ -371,12 +377,16 @@ def parse_config(text: str, filename: str = "config.yaml", base_dir: str = ".") 
     parameters = _parameters(doc, top["parameters"][1]) if "parameters" in top else {}
     dtype = _dtype(doc, top["dtype"][1], "dtype") if "dtype" in top else None
     out_dtype = _dtype(doc, top["out_dtype"][1], "out_dtype") if "out_dtype" in top else None
-    tokenizer_source = None
+    tokenizer_source = tokenizer = chat_template = None
     if "tokenizer_source" in top:
-        tokenizer_source = doc.model_ref(top["tokenizer_source"][1], "tokenizer_source")
-        if tokenizer_source == "union":
-            raise doc.error(top["tokenizer_source"][1], "tokenizer_source: union (a merged vocabulary) is not "
-                            "supported", "use tokenizer_source: base, or a model whose tokenizer all models share")
+        tokenizer_source = source_name(doc.model_ref(top["tokenizer_source"][1], "tokenizer_source"))
+    if "tokenizer" in top:
+        if tokenizer_source is not None:
+            raise doc.error(top["tokenizer"][0], "both tokenizer_source and a tokenizer: block are given",
+                            "keep one: put the source under tokenizer: as source:")
+        tokenizer = parse_tokenizer_block(doc, top["tokenizer"][1], line_of)
+    if "chat_template" in top:
+        chat_template = doc.string(top["chat_template"][1], "chat_template")
     lines_scaling = _lines_scaling(doc, top["lines"][1]) if "lines" in top else None
     alignment, alignment_data = _alignment(doc, top["alignment"][1], base_dir) if "alignment" in top else (None, None)
     if alignment is not None and slices is not None:
@@ -384,7 +394,8 @@ def parse_config(text: str, filename: str = "config.yaml", base_dir: str = ".") 
     return MergeConfig(merge_method=method, base_model=base_model, models=models, slices=slices,
                        parameters=parameters, dtype=dtype, out_dtype=out_dtype, tokenizer_source=tokenizer_source,
                        alignment=alignment, alignment_data=alignment_data,
-                       filename=filename, base_dir=base_dir, text=text, lines=lines, lines_scaling=lines_scaling)
+                       filename=filename, base_dir=base_dir, text=text, lines=lines, lines_scaling=lines_scaling,
+                       tokenizer=tokenizer, chat_template=chat_template)
 
 
 def _lines_scaling(doc: _Doc, node: yaml.Node) -> tuple[float, float]:

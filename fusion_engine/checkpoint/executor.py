@@ -36,6 +36,7 @@ from ..io.checkpoint import Checkpoints
 from ..io.files import open_input
 from ..io.writer import (DEFAULT_MAX_SHARD_BYTES, SAFETENSORS_INDEX, ShardedWriter, ShardLayout, parse_size,
                          plan_shards, write_file_synced)
+from ..lora import open_model_into, split_reference
 from ..methods.api import merge_bound, merge_tensors
 from ..methods.lines import scale_task_vector
 from ..methods.registry import get as get_method
@@ -90,6 +91,8 @@ def _is_plain_copy(job: _Job, input_dtype: torch.dtype) -> bool:
 def merge_job(job: _Job, inputs: list[torch.Tensor]) -> torch.Tensor:
     """The output tensor of ``job`` from its input tensors (on any device): what the merge writes."""
     task = job.task
+    if task.vocabulary is not None:  # embeddings / LM heads into the output vocabulary
+        inputs = task.vocabulary.apply([ref.model for ref in task.inputs], inputs)
     lines = task.lines_scale is not None  # LiNeS: merge in float32, rescale the task vector, round once
     out_dtype = accum_dtype(job.out_dtype) if lines else job.out_dtype
     if _is_plain_copy(job, inputs[0].dtype):
@@ -223,8 +226,10 @@ class _Progress:
 
 
 def _check_output_not_input(out_dir: str, plan: MergePlan) -> None:
-    inputs = {f"the input model {key!r}": path for key, path in plan.models.items()}
+    inputs = {f"the input model {key!r}" + (f" ({part})" if part != path else ""): part
+              for key, path in plan.models.items() for part in split_reference(path)}  # BASE+ADAPTER: both
     inputs.update({f"the source of side file {name}": path for name, path in plan.extra_files.items()})
+    inputs.update(plan.reads)
     check_output_not_input(out_dir, inputs)
 
 
@@ -267,7 +272,7 @@ def prepare(plan: MergePlan, out_shard_size, ckpts: Checkpoints) -> tuple[list[_
     """Open the inputs not yet in ``ckpts``, resolve every task's dtype and fix the output layout
     (no tensor data is read)."""
     for key, path in plan.models.items():
-        ckpts.open(key, path)
+        open_model_into(ckpts, key, path)
     jobs = resolve_jobs(plan, ckpts)
     layout = plan_shards([(j.task.out_name, j.out_dtype, tuple(j.task.shape)) for j in jobs],
                          parse_size(out_shard_size))

@@ -55,6 +55,7 @@ class TensorTask:
     out_dtype: torch.dtype | None = None
     bound: dict[str, Any] | None = field(default=None, repr=False, compare=False)
     lines_scale: float | None = None
+    vocabulary: Any = None  # a fusion_engine.tokenizer.VocabularyPlan: inputs re-indexed into the output vocabulary
 
     @property
     def out_numel(self) -> int:
@@ -73,6 +74,7 @@ class MergePlan:
     config_json: dict[str, Any] | None = None  # config.json of the output (e.g. num_hidden_layers after slices)
     extra_files: dict[str, str] = field(default_factory=dict)  # output file name -> source path (tokenizer, ...)
     generated_files: dict[str, bytes] = field(default_factory=dict)  # output file name -> content (README.md)
+    reads: dict[str, str] = field(default_factory=dict)  # what else the merge reads (label -> path): output guard
     default_out_dtype: torch.dtype | None = None
     alignment: str | None = None  # permute every model onto the reference before merging (alignment.checkpoints)
     alignment_data: str | None = None  # the model inputs of alignment: activation_matching

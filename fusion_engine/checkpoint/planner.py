@@ -44,6 +44,8 @@ from .. import methods as _methods
 from ..errors import (CheckpointError, ConfigError, FusionEngineError, MissingTensorError, ShapeMismatchError,
                       brief_repr)
 from ..io import Checkpoints
+from ..lora import open_model_into, split_reference
+from ..tokenizer import TokenizerSpec, is_vocabulary_tensor, plan_output_tokenizer
 from .config import Conditional, MergeConfig, Scalar, Setting, SliceSource, located, suggest
 from .plan import SIDE_FILES, MergePlan, TensorRef, TensorTask
 
@@ -216,8 +218,11 @@ class Planner:
         return located(self.config.filename, line, problem, fix)
 
     # ------------------------------------------------------------------ models
-    def _local_path(self, model: str) -> str:
-        line = self.config.model_line(model)
+    def _local_path(self, model: str, line: int | None = None) -> str:
+        line = line or self.config.model_line(model)
+        parts = split_reference(model)
+        if len(parts) == 2:  # BASE+ADAPTER: both resolved like any model path
+            return "+".join(self._local_path(part, line) for part in parts)
         candidates = [os.path.expanduser(model)]
         if not os.path.isabs(candidates[0]) and self.config.base_dir not in ("", "."):
             candidates.append(os.path.join(self.config.base_dir, candidates[0]))
@@ -236,7 +241,7 @@ class Planner:
         for model in self.config.referenced_models():
             path = self._local_path(model)
             try:
-                ckpt = self.checkpoints.open(model, path)
+                ckpt = open_model_into(self.checkpoints, model, path)
                 cfg = ckpt.config() or {}
                 names = ckpt.names()
                 for n in names:  # headers: every tensor's shape and dtype, checked for truncation
@@ -303,6 +308,7 @@ class Planner:
         self.open_models()
         groups = self._groups()
         ref_model = cfg.base_model or groups[0][0].sources[0].model
+        self.output_tokenizer = self._output_tokenizer(ref_model)
         ref = self.layouts[ref_model]
         tasks: list[TensorTask] = []
         first, last = groups[0][0], groups[-1][0]
@@ -349,7 +355,7 @@ class Planner:
                          config_json=self._config_json(ref_model, out_layer),
                          extra_files=self._extra_files(ref_model),
                          default_out_dtype=cfg.out_dtype or cfg.dtype, alignment=cfg.alignment,
-                         alignment_data=cfg.alignment_data)
+                         alignment_data=cfg.alignment_data, **self._tokenizer_outputs())
 
     def _lines(self, tasks: list[TensorTask], layer_prefix: str | None, num_layers: int) -> None:
         """LiNeS: each task's depth factor, from the output layer in its name (α outside the layers)."""
@@ -405,9 +411,12 @@ class Planner:
             name, shape = self._input_name(src.model, name, out_name, src.line)
             inputs.append(TensorRef(src.model, name))
             shapes.append(shape)
+        vocabulary = (self.output_tokenizer.vocabulary if self.output_tokenizer is not None
+                      and is_vocabulary_tensor(out_name) else None)
         for ref, shape, src in zip(inputs, shapes, group.sources):
-            if shape != shapes[0]:
-                hint = ("the vocabularies differ: merge models that share one tokenizer"
+            if (shape[1:] if vocabulary is not None else shape) != (shapes[0][1:] if vocabulary is not None
+                                                                      else shapes[0]):
+                hint = ("the vocabularies differ: add tokenizer_source: union (or base) to re-index them"
                         if any(h in out_name for h in ("embed", "lm_head", "wte")) else
                         "merge checkpoints of the same size")
                 raise ShapeMismatchError(self._where(src.line, f"tensor '{ref.name}' has shape {shape} in "
@@ -422,9 +431,10 @@ class Planner:
             base_index = models.index(group.base)
         parameters, lines = self._parameters(group, inputs, out_name, base_index, t)
         bound = self._validate(parameters, lines, inputs, base_index, out_name, group)
+        shape = shapes[0] if vocabulary is None else (vocabulary.size, *shapes[0][1:])
         return TensorTask(out_name=out_name, method=self.spec.name, inputs=inputs, base_index=base_index,
-                          parameters=parameters, shape=shapes[0], dtype=self.config.dtype,
-                          out_dtype=self.config.out_dtype or self.config.dtype, bound=bound)
+                          parameters=parameters, shape=shape, dtype=self.config.dtype,
+                          out_dtype=self.config.out_dtype or self.config.dtype, bound=bound, vocabulary=vocabulary)
 
     def _parameters(self, group: _Group, inputs: list[TensorRef], out_name: str, base_index: int | None,
                     t: float) -> tuple[dict[str, Any], dict[str, int | None]]:
@@ -507,6 +517,8 @@ class Planner:
             for key, value in list(cfg.items()):  # per-layer lists (layer_types, ...) follow the slices
                 if isinstance(value, list) and len(value) == ref_depth and ref_depth != num_layers:
                     cfg[key] = self._sliced_list(key, value)
+        if self.output_tokenizer is not None and self.output_tokenizer.vocabulary is not None:
+            cfg["vocab_size"] = self.output_tokenizer.vocabulary.size
         out = self.config.out_dtype or self.config.dtype
         if out is not None:
             name = str(out).removeprefix("torch.")
@@ -526,10 +538,53 @@ class Planner:
             out.extend(values[src.layer_range[0]:src.layer_range[1]])
         return out
 
+    def _output_tokenizer(self, ref_model: str):
+        """The planned output tokenizer (fusion_engine.tokenizer) when the config has a tokenizer source,
+        a ``tokenizer:`` block or a chat template; None otherwise."""
+        cfg = self.config
+        spec = cfg.tokenizer or (TokenizerSpec(cfg.tokenizer_source, line=cfg.line_of("tokenizer_source"))
+                                 if cfg.tokenizer_source else None)
+        if spec is None and cfg.chat_template is None:
+            return None
+        models = [ref_model] + [m for m in cfg.referenced_models() if m != ref_model]
+        sizes = {}
+        for m in models:
+            vocab_size = (self.checkpoints[m].config() or {}).get("vocab_size")
+            embed = next((n for n in INPUT_EMBEDDINGS if n in self.names[m]), None)
+            sizes[m] = vocab_size if isinstance(vocab_size, int) else (
+                self.checkpoints[m].info(embed).shape[0] if embed else 0)
+        source = spec.source if spec is not None else "base"
+        source_folder = None
+        if source not in ("base", "union"):
+            source_folder = (self.checkpoints[source].directory if source in self.checkpoints else
+                             split_reference(self._local_path(source, spec.line))[0])
+        try:
+            return plan_output_tokenizer(spec, cfg.chat_template, models, cfg.base_model,
+                                         {m: self.checkpoints[m].directory for m in models}, sizes, source_folder)
+        except ConfigError as exc:
+            line = cfg.line_of("tokenizer") or cfg.line_of("tokenizer_source") or cfg.line_of("chat_template")
+            raise ConfigError(self._where(line, str(exc))) from None
+
+    def _tokenizer_outputs(self) -> dict:
+        """The built tokenizer's files (``generated_files``) and its source folder (``reads``, for the guard)."""
+        out = self.output_tokenizer
+        if out is None:
+            return {}
+        reads = {"the tokenizer source": out.source_folder} if out.source_folder else {}
+        return {"generated_files": dict(out.files), "reads": reads}
+
     def _extra_files(self, ref_model: str) -> dict[str, str]:
         """Tokenizer files of ``tokenizer_source`` (default: the base, else the first model) and the config."""
-        source = self.config.tokenizer_source
-        if source in (None, "base"):
+        source = self.config.tokenizer.source if self.config.tokenizer else self.config.tokenizer_source
+        if self.output_tokenizer is not None and self.output_tokenizer.files:  # built at plan time: generated
+            files = {}
+            generation = os.path.join(self.checkpoints[ref_model].directory or "", "generation_config.json")
+            if os.path.isfile(generation):
+                files["generation_config.json"] = generation
+            if self.config_path and os.path.isfile(self.config_path):
+                files["mergekit_config.yml"] = os.path.abspath(self.config_path)
+            return files
+        if source in (None, "base", "union"):
             folder = self.checkpoints[ref_model].directory
         elif source in self.checkpoints:
             folder = self.checkpoints[source].directory
@@ -574,7 +629,7 @@ def plan_summary(plan: MergePlan, config: MergeConfig | None = None, *, checkpoi
     infos: dict[tuple[str, str], Any] = {}
     with Checkpoints.borrow(checkpoints) as opened:
         for key, path in plan.models.items():
-            ckpt = opened.open(key, path)
+            ckpt = open_model_into(opened, key, path)
             needed = {ref.name for task in plan.tasks for ref in task.inputs if ref.model == key}
             infos.update({(key, name): ckpt.info(name) for name in needed})
     by_method: dict[str, list[int]] = {}

@@ -15,7 +15,7 @@ import torch
 from ..checkpoint.config import parse_config
 from ..checkpoint.executor import merge_job, resolve_jobs
 from ..checkpoint.planner import build_plan
-from ..io import open_checkpoint
+from ..lora import open_model_into
 
 
 class InMemoryMerger:
@@ -36,9 +36,8 @@ class InMemoryMerger:
     def merge(self, recipe: str, filename: str = "recipe.yaml") -> dict[str, torch.Tensor]:
         """The merged state dict (on the device) of the mergekit YAML text ``recipe``."""
         plan = build_plan(parse_config(recipe, filename, self.base_dir))
-        for key, path in plan.models.items():
-            if key not in self._ckpts:
-                self._ckpts[key] = open_checkpoint(path)
+        for key, path in plan.models.items():  # BASE+LORA references too
+            open_model_into(self._ckpts, key, path)
         return {job.task.out_name: merge_job(job, [self._input(r.model, r.name) for r in job.task.inputs])
                 for job in resolve_jobs(plan, self._ckpts)}
 

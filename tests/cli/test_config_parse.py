@@ -88,7 +88,10 @@ BAD = [
     ("merge_method: ties\nmerge_method: linear\nmodels: [/a]\n", 2, "appears twice"),
     ("merge_method: ties\nmodels: [/a]\ndtype: int8\n", 3, "not a floating dtype"),
     ("merge_method: ties\nmodels: [/a]\nmodules: {}\n", 3, "not supported"),
-    ("merge_method: ties\nmodels: [/a]\ntokenizer_source: union\n", 3, "union"),
+    ("merge_method: ties\nmodels: [/a]\ntokenizer:\n  pad_to_multiple_of: 0\n", 4, "pad_to_multiple_of"),
+    ("merge_method: ties\nmodels: [/a]\ntokenizer:\n  tokens:\n    x:\n      source: {kind: model_token, "
+     "model: /a}\n", 6, "exactly one of token and token_id"),
+    ("merge_method: ties\nmodels: [/a]\ntokenizer_source: base\ntokenizer: {source: union}\n", 4, "both"),
     ("merge_method: ties\nmodels:\n  - model: /a\n    parameters:\n      weight:\n", 5, "has no value"),
     ("merge_method: ties\nmodels:\n  - model: /a\n    parameters:\n      weight: []\n", 5, "empty list"),
     ("merge_method: ties\nmodels:\n  - model: /a\n    parameters:\n      weight: [[1, 2]]\n", 5, "flat list"),
@@ -106,8 +109,8 @@ BAD = [
     ("merge_method: linear\nslices:\n  - sources:\n      - model: /a\n        layer_range: [0, 2]\n"
      "      - model: /b\n        layer_range: [0, 3]\n", 3, "different numbers of layers"),
     ("merge_method: ties\nmodels:\n  - model:\n      path: org/x\n      revision: main\n", 5, "revisions"),
-    ("merge_method: ties\nmodels:\n  - model: /a+/lora\n    parameters: {weight: 1}\n  - model: {model: /a, lora: /l}\n",
-     5, "LoRA"),
+    ("merge_method: ties\nmodels:\n  - model: /a+/lora\n    parameters: {weight: 1}\n  - model: {lora: /l}\n",
+     5, "has a 'lora' but no 'model'"),
     ("merge_method: 3\nmodels: [/a]\n", 1, "non-empty string"),
     ("- a\n- b\n", 1, "must be a mapping"),
 ]
@@ -120,6 +123,23 @@ def test_errors_name_the_line_and_the_fix(text, line, needle):
     msg = str(info.value)
     assert needle in msg
     assert msg.startswith(f"cfg.yaml line {line}:" if line else "cfg.yaml:"), msg
+
+
+def test_lora_references_in_both_spellings():
+    cfg = parse_config("merge_method: linear\nbase_model: {model: /b, lora: /l}\nmodels:\n  - model: /a+/lora\n"
+                       "  - model: {model: {path: /c}, lora: {path: /m}}\n")
+    assert cfg.base_model == "/b+/l" and [m.model for m in cfg.models] == ["/a+/lora", "/c+/m"]
+
+
+def test_tokenizer_block_and_chat_template():
+    cfg = parse_config("merge_method: linear\nmodels: [/a, /b]\nchat_template: chatml\ntokenizer:\n  source: model:/b\n"
+                       "  pad_to_multiple_of: 8\n  tokens:\n    <x>: {source: /a, force: true}\n"
+                       "    <y>: {source: {kind: zero}}\n    <z>: {source: {kind: model_token, model: /b, token_id: 3}}\n")
+    assert cfg.chat_template == "chatml" and cfg.tokenizer.source == "/b" and cfg.tokenizer.pad_to_multiple_of == 8
+    tokens = cfg.tokenizer.tokens
+    assert (tokens["<x>"].source.kind, tokens["<x>"].source.model, tokens["<x>"].force) == ("model", "/a", True)
+    assert tokens["<y>"].source.kind == "zero" and tokens["<z>"].source.token_id == 3
+    assert parse_config("merge_method: linear\nmodels: [/a]\ntokenizer_source: union\n").tokenizer_source == "union"
 
 
 def test_errors_carry_a_fix():

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 from cli_fixtures import load_dir, run_cli, scratch, tiny_llamas, write
+from utils import merge_alongside_mergekit
 
 CONFIGS = {
     "ties": """\
@@ -145,14 +144,6 @@ CONFIGS = {
 # (atol, rtol): float32 outputs differ only by summation order; bf16 outputs by one rounding
 TOLERANCE = {torch.float32: (2e-6, 2e-5), torch.bfloat16: (1e-2, 1e-2)}
 
-MERGEKIT_DRIVER = """\
-import sys
-from mergekit.scripts.run_yaml import main
-for config, out in zip(sys.argv[1::2], sys.argv[2::2]):
-    main([config, out, "--quiet", "--no-write-model-card", "--no-copy-tokenizer"], standalone_mode=False)
-"""
-
-
 @pytest.fixture(scope="module")
 def merged():
     """{name: (our output folder, mergekit's output folder)} for every config."""
@@ -161,19 +152,12 @@ def merged():
     paths = {name: write(folder, f"{name}.yaml", textwrap.dedent(text).format(
         base=m["base"], m0=m["model_0"], m1=m["model_1"], m2=m["model_2"])) for name, text in CONFIGS.items()}
     outs = {name: (os.path.join(folder, f"{name}_ours"), os.path.join(folder, f"{name}_mergekit")) for name in paths}
-    args = [a for name in paths for a in (paths[name], outs[name][1])]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1")}
-    mergekit = subprocess.Popen([sys.executable, "-c", MERGEKIT_DRIVER, *args], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, env=env)
-    try:
-        for name in paths:  # ours run meanwhile
-            assert run_cli("merge", paths[name], outs[name][0], "--quiet") == 0, name
-        log, _ = mergekit.communicate(timeout=300)
-    finally:
-        if mergekit.poll() is None:
-            mergekit.kill()
-    assert mergekit.returncode == 0, log[-4000:]
+
+    def ours(config, out):
+        assert run_cli("merge", config, out, "--quiet") == 0, config
+
+    merge_alongside_mergekit([(paths[n], *outs[n]) for n in paths], ours,
+                             "--no-write-model-card --no-copy-tokenizer")
     return outs
 
 

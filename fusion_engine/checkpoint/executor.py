@@ -2,13 +2,15 @@
 
 Pipeline (per process)::
 
-    reader thread:  pread inputs of task i+1 (.. i+max_in_flight-1)   [-> pinned buffers -> H2D on a copy stream]
+    reader thread:  pread inputs of task i+1 (.. i+max_in_flight-1)   [-> pinned slots -> H2D on a copy stream]
     main thread:    merge_tensors(inputs of task i)                   [kernels on the compute stream]
-    writer thread:  pwrite output of task i-1 at its planned offset    [<- D2H on a copy stream into pinned memory]
+    writer thread:  pwrite output of task i-1 at its planned offset    [<- D2H on a copy stream into pinned slots]
 
-Nothing is memory-mapped on the read path, so the resident set holds only tensors in flight: about
+The device staging (double-buffered pinned slots, copy streams, events) is :mod:`.transfer`. Nothing is
+memory-mapped on the read path, so the resident set holds only tensors in flight. On the CPU that is about
 ``max_in_flight × models × T + 2 T`` plus the method's temporaries and a fixed overhead, where ``T`` is the
-largest tensor in bytes; ``max_in_flight=1`` (no prefetch) gives ``(models + 1) × T``. The output's layout
+largest tensor in bytes (``max_in_flight=1``: ``(models + 1) × T``); on a GPU the host holds ``4 T`` of pinned
+slots plus the CUDA context, whatever the read-ahead (its tensors wait in device memory). The output's layout
 (which shard, which offset) is fixed from the plan before the first read (:func:`fusion_engine.io.plan_shards`),
 so the bytes written do not depend on the order in which tensors finish, nor on how many processes wrote them:
 under ``torchrun`` (``WORLD_SIZE > 1``) :mod:`fusion_engine.checkpoint.distributed` splits the tasks between ranks by bytes
@@ -43,6 +45,7 @@ from ..methods.registry import get as get_method
 from ..ops._common import accum_dtype
 from . import distributed
 from .plan import SIDE_FILES, MergePlan, TensorTask
+from .transfer import DeviceTransfer, SlotPool, transfer_for
 
 
 @dataclass
@@ -112,59 +115,67 @@ def merge_job(job: _Job, inputs: list[torch.Tensor]) -> torch.Tensor:
 
 
 class _Streamer:
-    """Reads, merges and writes a list of jobs with a bounded number in flight (see the module docstring)."""
+    """Reads, merges and writes a list of jobs with a bounded number in flight (see the module docstring).
 
-    def __init__(self, ckpts: dict, writer: ShardedWriter, device: torch.device, max_in_flight: int, progress):
+    ``transfer`` None: inputs are read into new CPU tensors and merged there. Otherwise every tensor is staged
+    through two pinned input and two pinned output slots (:mod:`.transfer`) and merged on ``transfer.device``.
+    """
+
+    def __init__(self, ckpts: dict, writer: ShardedWriter, transfer: DeviceTransfer | None, max_in_flight: int,
+                 progress):
         self.ckpts = ckpts
         self.writer = writer
-        self.device = device
+        self.transfer = transfer
         self.depth = max(0, max_in_flight - 1)
         self.progress = progress
-        self.cuda = device.type == "cuda"
-        if self.cuda:
-            self.h2d = torch.cuda.Stream(device)
-            self.d2h = torch.cuda.Stream(device)
+        self.inputs_pool = self.outputs_pool = None
+
+    def _stage(self, jobs: list[_Job]) -> None:
+        largest = max([j.write_bytes for j in jobs]
+                      + [self.ckpts[r.model].info(r.name).nbytes for j in jobs for r in j.task.inputs], default=1)
+        self.inputs_pool = SlotPool(self.transfer, 2, largest)
+        self.outputs_pool = SlotPool(self.transfer, 2, largest)
 
     # -- reader thread
     def _read(self, job: _Job):
-        host = []
+        if self.transfer is None:
+            return [self.ckpts[ref.model].read(ref.name) for ref in job.task.inputs], None
+        dev, event = [], None
         for ref in job.task.inputs:
-            ck = self.ckpts[ref.model]
-            buf = None
-            if self.cuda:
-                buf = torch.empty(ck.info(ref.name).nbytes, dtype=torch.uint8, pin_memory=True)
-            host.append(ck.read(ref.name, buf))
-        if not self.cuda:
-            return host, None
-        with torch.cuda.stream(self.h2d):
-            dev = [t.to(self.device, non_blocking=True) for t in host]
-            event = torch.cuda.Event()
-            event.record(self.h2d)
-        return dev, event
-
-    # -- main thread
-    def _merge(self, job: _Job, inputs: list[torch.Tensor]) -> torch.Tensor:
-        return merge_job(job, inputs)
-
-    def _to_host(self, out: torch.Tensor):
-        if not self.cuda:
-            return out, None
-        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
-        self.d2h.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.d2h):
-            host.copy_(out, non_blocking=True)
-            out.record_stream(self.d2h)
-            event = torch.cuda.Event()
-            event.record(self.d2h)
-        return host, event
+            slot = self.inputs_pool.acquire()
+            try:
+                host = self.ckpts[ref.model].read(ref.name, slot.buffer)
+                tensor, event = self.transfer.to_device(host)
+            finally:
+                self.inputs_pool.release(slot, event)
+            dev.append(tensor)
+        return dev, event  # one stream: the last copy's event covers the task
 
     # -- writer thread
-    def _write(self, name: str, host: torch.Tensor, event) -> None:
-        if event is not None:
-            event.synchronize()
-        self.writer.add(name, host)
+    def _write(self, name: str, host: torch.Tensor, slot, event) -> None:
+        try:
+            if event is not None:
+                self.transfer.synchronize(event)
+            self.writer.add(name, host)
+        finally:
+            if slot is not None:
+                self.outputs_pool.release(slot)
+
+    # -- main thread
+    def _to_host(self, job: _Job, out: torch.Tensor):
+        if self.transfer is None:
+            return out, None, None
+        slot = self.outputs_pool.acquire()
+        host = slot.view(job.write_bytes, out.dtype, out.shape)
+        try:
+            return host, slot, self.transfer.to_host(out, host)
+        except BaseException:
+            self.outputs_pool.release(slot)
+            raise
 
     def run(self, jobs: list[_Job]) -> None:
+        if self.transfer is not None:
+            self._stage(jobs)
         with ThreadPoolExecutor(1, thread_name_prefix="fe-read") as readers, \
                 ThreadPoolExecutor(1, thread_name_prefix="fe-write") as writers:
             pending_reads: collections.deque = collections.deque()
@@ -177,18 +188,15 @@ class _Streamer:
                         next_read += 1
                     inputs, event = pending_reads.popleft().result()
                     if event is not None:
-                        stream = torch.cuda.current_stream(self.device)
-                        stream.wait_event(event)
-                        for t in inputs:
-                            t.record_stream(stream)
-                    out = self._merge(job, inputs)
+                        self.transfer.consume(event, inputs)
+                    out = merge_job(job, inputs)
                     del inputs
-                    host, done = self._to_host(out)
+                    host, slot, done = self._to_host(job, out)
                     del out
                     if pending_write is not None:
                         pending_write.result()
                         self.progress.update(1)
-                    pending_write = writers.submit(self._write, job.task.out_name, host, done)
+                    pending_write = writers.submit(self._write, job.task.out_name, host, slot, done)
                     del host
                 if pending_write is not None:
                     pending_write.result()
@@ -284,7 +292,7 @@ def prepare(plan: MergePlan, out_shard_size, ckpts: Checkpoints) -> tuple[list[_
 def stream_jobs(jobs, ckpts, writer, device, max_in_flight, quiet, desc="merging") -> None:
     progress = _Progress(jobs, quiet, desc)
     try:
-        _Streamer(ckpts, writer, device, max_in_flight, progress).run(jobs)
+        _Streamer(ckpts, writer, transfer_for(torch.device(device)), max_in_flight, progress).run(jobs)
     finally:
         progress.close()
 

@@ -88,12 +88,12 @@ KILL_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {testdir!r})
     import fusion_engine.checkpoint.executor as ex
     from io_testkit import linear_plan
-    merge = ex._Streamer._merge
-    def slow_merge(self, job, inputs):
+    merge = ex.merge_job
+    def slow_merge(job, inputs):
         print("MERGING", flush=True)
         time.sleep(0.3)
-        return merge(self, job, inputs)
-    ex._Streamer._merge = slow_merge
+        return merge(job, inputs)
+    ex.merge_job = slow_merge
     plan = linear_plan({{"a": {a!r}, "b": {b!r}}}, [1.0, 1.0])
     ex.run_plan(plan, {out!r}, quiet=True, out_shard_size=1000)
     print("DONE", flush=True)

@@ -63,21 +63,45 @@ def split_by_bytes(costs: list[int], world_size: int) -> list[range]:
     return [range(bounds[r], bounds[r + 1]) for r in range(world_size)]
 
 
+def rank_device(device: str | torch.device, local_rank: int, device_count: int) -> torch.device:
+    """The device a rank merges on: ``cuda`` becomes ``cuda:LOCAL_RANK`` (modulo the GPUs present, so N ranks
+    may share one GPU); an explicit ``cuda:K`` or ``cpu`` is kept."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        if device_count < 1:
+            raise CheckpointError("--device cuda under torchrun, but no CUDA GPU is visible to this rank")
+        device = torch.device("cuda", local_rank % device_count)
+    return device
+
+
+def group_backend(device: torch.device, local_world_size: int, device_count: int) -> str:
+    """NCCL when every local rank has a GPU of its own, else gloo (NCCL refuses two ranks on one GPU; the
+    group only carries small coordination messages, so gloo costs nothing measurable)."""
+    if device.type == "cuda" and local_world_size <= device_count:
+        return "nccl"
+    return "gloo"
+
+
 def init_group(device: str | torch.device) -> tuple[bool, torch.device]:
-    """Join (or create) the process group: gloo on CPU, NCCL on GPU (``cuda:LOCAL_RANK``).
+    """Join (or create) the process group for this rank's device (:func:`rank_device`, :func:`group_backend`).
     Returns whether this call created it (then the caller destroys it) and the rank's device."""
     import torch.distributed as dist
 
     if not dist.is_available():
         raise CheckpointError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    count = torch.cuda.device_count() if torch.device(device).type == "cuda" else 0
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = rank_device(device, local_rank, count)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     created = False
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+        backend = group_backend(device, local_world, count)
+        if backend == "nccl":
+            dist.init_process_group(backend=backend, device_id=device)
+        else:
+            dist.init_process_group(backend=backend)
         created = True
     return created, device
 

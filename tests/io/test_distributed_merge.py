@@ -11,7 +11,11 @@ import textwrap
 
 import pytest
 
-from fusion_engine.checkpoint.distributed import split_by_bytes
+import torch
+
+from fusion_engine.checkpoint import distributed
+from fusion_engine.checkpoint.distributed import group_backend, rank_device, split_by_bytes
+from fusion_engine.errors import CheckpointError
 from fusion_engine.checkpoint.executor import run_plan
 
 from io_testkit import linear_plan, state_dict, tree_digest, write_model
@@ -99,3 +103,39 @@ def test_a_failing_rank_leaves_no_output(models, tmp_path):
 def test_split_by_bytes(costs, world, want):
     ranges = split_by_bytes(costs, world)
     assert [(r.start, r.stop) for r in ranges] == want
+
+
+@pytest.mark.parametrize("device, local_rank, count, want", [
+    ("cuda", 1, 2, "cuda:1"), ("cuda", 3, 2, "cuda:1"), ("cuda", 1, 1, "cuda:0"),  # N ranks may share one GPU
+    ("cuda:0", 1, 2, "cuda:0"), ("cpu", 1, 0, "cpu"),
+])
+def test_rank_device_is_local_rank_modulo_the_gpus(device, local_rank, count, want):
+    assert rank_device(device, local_rank, count) == torch.device(want)
+
+
+def test_rank_device_without_a_gpu_is_a_clear_error():
+    with pytest.raises(CheckpointError, match="no CUDA GPU"):
+        rank_device("cuda", 0, 0)
+
+
+@pytest.mark.parametrize("device, local_world, count, want", [
+    ("cuda:1", 2, 2, "nccl"), ("cuda:0", 2, 1, "gloo"), ("cpu", 2, 0, "gloo"), ("cuda:0", 8, 8, "nccl"),
+])
+def test_group_backend_nccl_only_when_each_rank_has_its_own_gpu(device, local_world, count, want):
+    assert group_backend(torch.device(device), local_world, count) == want
+
+
+def test_init_group_pins_the_rank_to_its_gpu_and_joins_nccl(monkeypatch):
+    import torch.distributed as dist
+
+    calls = []
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.append(("init", kw)))
+    created, device = distributed.init_group("cuda")
+    assert created and device == torch.device("cuda:1")
+    assert calls == [("set_device", torch.device("cuda:1")),
+                     ("init", {"backend": "nccl", "device_id": torch.device("cuda:1")})]

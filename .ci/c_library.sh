@@ -4,8 +4,9 @@
 #   2. install to a temporary prefix; the example built against it with find_package and run;
 #      a C program built with the pkg-config file
 #   3. the ctest suite under AddressSanitizer + UndefinedBehaviorSanitizer
-#   4. the CUDA build (-DFUSION_ENGINE_CUDA=ON, sm_80 + sm_90) and its ctest suite (CPU paths;
-#      no GPU needed), when nvcc is present (FE_CI_CUDA=0 skips it)
+#   4. the CUDA build (-DFUSION_ENGINE_CUDA=ON, sm_80 + sm_90) and its ctest suite (CPU paths, and the
+#      device tests of csrc/tests/test_cuda.cpp, skipped with the reason printed when no GPU is usable),
+#      when nvcc is present (FE_CI_CUDA=0 skips it)
 #   5. the libFuzzer harness (clang) for FUZZ_SECONDS (default 60) from the seed corpus, then a
 #      replay of fuzz/regressions and fuzz/corpus; a crash is saved to fuzz/regressions/ and fails
 #      the run (commit it with the fix: ctest replays it from then on)
@@ -79,7 +80,7 @@ ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:ha
 
 # --- 4. CUDA -----------------------------------------------------------------------------------
 if [ "${FE_CI_CUDA:-1}" != 0 ] && command -v nvcc >/dev/null; then
-  step "4. CUDA build (sm_80, sm_90) + ctest (no GPU needed)"
+  step "4. CUDA build (sm_80, sm_90) + ctest (device tests skip without a GPU)"
   cmake -S . -B "$WORK/cuda" "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release -DFUSION_ENGINE_CUDA=ON >/dev/null
   cmake --build "$WORK/cuda" --parallel "$JOBS"
   ctest --test-dir "$WORK/cuda" --output-on-failure

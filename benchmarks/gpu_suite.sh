@@ -102,4 +102,6 @@ if [ "$DEVICE" = cuda ] && command -v ncu >/dev/null; then
     --launch-skip 0 --launch-count 12 --section SpeedOfLight --section MemoryWorkloadAnalysis \
     "${PY[@]}" "$REPO/benchmarks/gpu_profile_target.py" --n "$N" --K 8
 fi
+# whole merges on the GPU (issue 13; its own budget: run it alone when this suite used its time)
+[ "${GPU_E2E:-0}" = 1 ] && stage e2e 300 0 e2e.log env FE_INSTALLED=1 PY="${PY[*]}" bash "$REPO/benchmarks/gpu_e2e.sh"
 echo "suite done in ${SECONDS}s; logs in $OUT: $(ls "$OUT" | tr '\n' ' ')"

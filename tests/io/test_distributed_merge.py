@@ -30,7 +30,7 @@ RANK_SCRIPT = textwrap.dedent("""
     plan = linear_plan({models!r}, {weights!r})
     if {bad_task} is not None:
         plan.tasks[{bad_task}].shape = (1, 2, 3)
-    summary = run_plan(plan, {out!r}, quiet=True, out_shard_size={shard})
+    summary = run_plan(plan, {out!r}, quiet=True, out_shard_size={shard}, device={device!r})
     print("SUMMARY " + json.dumps(summary), flush=True)
 """)
 
@@ -41,9 +41,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_ranks(world, models, out, shard, bad_task=None):
+def _run_ranks(world, models, out, shard, bad_task=None, device="cpu"):
     script = RANK_SCRIPT.format(testdir=os.path.dirname(__file__), models=models, weights=WEIGHTS, out=str(out),
-                                shard=shard, bad_task=bad_task)
+                                shard=shard, bad_task=bad_task, device=device)
     port = _free_port()
     procs = []
     for rank in range(world):
@@ -82,6 +82,17 @@ def test_two_process_gloo_merge_equals_single_process_byte_for_byte(models, tmp_
     assert all(s["rank_tensors"] > 0 for _, s, _ in results)
     assert tree_digest(tmp_path / "dist") == tree_digest(tmp_path / "single")
     assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
+
+
+@pytest.mark.gpu
+def test_two_ranks_on_cuda_equal_one_process_on_cuda_byte_for_byte(models, tmp_path):
+    """torchrun on one GPU or several: each rank on cuda:LOCAL_RANK (modulo the GPUs), NCCL or gloo."""
+    run_plan(linear_plan(models, WEIGHTS), tmp_path / "single", quiet=True, out_shard_size=1500, device="cuda")
+    results = _run_ranks(2, models, tmp_path / "dist", 1500, device="cuda")
+    for rc, summary, stderr in results:
+        assert rc == 0, stderr
+        assert summary["device"].startswith("cuda")
+    assert tree_digest(tmp_path / "dist") == tree_digest(tmp_path / "single")
 
 
 def test_a_failing_rank_leaves_no_output(models, tmp_path):

@@ -187,6 +187,22 @@ class _GeneralSlot(_Contribution):
         return ops.cost_matrix(a.to(dtype), b.to(dtype), metric="inner", backend=self.backend)
 
 
+def _independent(parts: list[_Contribution], perm: str) -> bool:
+    """Whether the cost summed from ``parts`` stays the same when ``perm`` changes (none depends on it)."""
+    return all(perm not in part.deps for part in parts)
+
+
+def _copy_to_host(c: torch.Tensor):
+    """``c`` on the host: a non-blocking copy into pinned memory and its CUDA event, or ``(c, None)`` on the CPU."""
+    if c.device.type != "cuda":
+        return c, None
+    host = torch.empty(c.shape, dtype=c.dtype, pin_memory=True)
+    host.copy_(c, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
 def _contributions(features: _SlotFeatures, perm: str, slots, params_a, params_b, backend) -> list[_Contribution]:
     """``perm``'s cost matrix as a sum of cached parts: whole-axis slots grouped by their dependencies."""
     groups: dict[tuple[str, ...], list] = {}
@@ -237,7 +253,10 @@ def weight_matching(spec: PermutationSpec, params_a: Mapping[str, torch.Tensor],
     copies, several permutations on one axis) are parts of their own. The objective before and
     after each step is read off the same matrix (a gather; no extra products). Work per call: one
     layout copy of each weight's non-leading permuted axis for A and B, then about 1.5 sweeps'
-    worth of products for the usual 2 sweeps (the contributions that did not change are reused).
+    worth of products for the usual 2 sweeps (the contributions that did not change are reused). On a GPU
+    every product stays on the device; only each cost matrix goes to the host for the LAP solve (a
+    non-blocking copy), and while the host solves it the device already computes the next permutation's
+    cost when that cost does not depend on the one being solved (same result as one after the other).
 
     Example
     -------
@@ -283,10 +302,17 @@ def weight_matching(spec: PermutationSpec, params_a: Mapping[str, torch.Tensor],
 
     for _ in range(max_iter):
         progress = False
-        for j in torch.randperm(len(names), generator=g).tolist():
-            p = names[j]
-            c = cost(p)
-            _, cols = ops.linear_assignment(c, backend=backend)  # min −S = max S
+        order = [names[j] for j in torch.randperm(len(names), generator=g).tolist()]
+        ahead = None
+        for i, p in enumerate(order):
+            c = ahead if ahead is not None else cost(p)
+            host, copied = _copy_to_host(c)
+            # the device computes the next cost while the host solves this LAP, when p's result cannot change it
+            nxt = order[i + 1] if i + 1 < len(order) else None
+            ahead = cost(nxt) if nxt is not None and _independent(parts[nxt], p) else None
+            if copied is not None:
+                copied.synchronize()
+            _, cols = ops.linear_assignment(host, backend=backend)  # min −S = max S
             cols = cols.to(device)
             old = perms[p].reshape(cols.shape)
             old_value = -c.gather(-1, old[..., None]).double().sum()  # ⟨S, P_old⟩: a gather, no GEMM

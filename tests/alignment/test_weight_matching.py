@@ -87,3 +87,26 @@ def test_grouped_fast_path_equals_per_slot_path(case, dtype, monkeypatch):
     monkeypatch.setattr(wm._SlotFeatures, "gathers", lambda self, perm, slot: None)
     slow = weight_matching(spec, sa, sb, seed=2, init_perms=init)
     assert all(torch.equal(fast[p], slow[p]) for p in spec.perm_sizes)
+
+
+def test_costs_computed_ahead_of_the_lap_solves_give_the_sequential_result(monkeypatch):
+    """The next cost is built before the current LAP is solved only when that LAP cannot change it."""
+    import importlib
+
+    from fusion_engine.bench.digits import make_mlp
+    wm = importlib.import_module("fusion_engine.alignment.weight_matching")  # the module, not the function
+    pairs = [(make_mlp((24, 24, 24), seed=s), make_mlp((24, 24, 24), seed=s + 10)) for s in range(4)]
+
+    def run(independent):
+        with monkeypatch.context() as m:
+            if independent is not None:
+                m.setattr(wm, "_independent", independent)
+            return [weight_matching(mlp_permutation_spec(a), a.state_dict(), b.state_dict(), seed=s, max_iter=1)
+                    for s, (a, b) in enumerate(pairs)]
+
+    def same(x, y):
+        return all(torch.equal(p[k], q[k]) for p, q in zip(x, y) for k in p)
+
+    sequential = run(lambda parts, perm: False)
+    assert same(run(None), sequential)
+    assert not same(run(lambda parts, perm: True), sequential)  # building every cost early would be wrong here

@@ -25,8 +25,8 @@ Semantics under the adapter are mergekit's: deterministic methods give mergekit'
 float32 rounding); NaN/Inf inputs propagate; weights summing to zero in a normalised ``linear``
 merge give NaN/±inf as mergekit's tensor division does (fusion_engine's own API raises a
 ConfigError there). Merges are differentiable as mergekit's: inputs requiring grad take
-fusion_engine's exact torch path (mergekit's gradients); sce, ram, ramplus_tl and arcee_fusion,
-which have none, hand such inputs to mergekit's own method. The random methods (dare_*, della*)
+fusion_engine's exact torch path (mergekit's values and gradients); coefficient tensors requiring
+grad in a direct ``merge_batch`` call go to mergekit's own kernel. The random methods (dare_*, della*)
 draw their masks with ``install(seed=None)`` (the default) from torch's global generator exactly
 as mergekit does (the same masks under one ``torch.manual_seed`` / ``--random-seed``); with
 ``install(seed=s)`` from fusion_engine's fused Philox kernels keyed by s and the tensor's name
@@ -47,7 +47,6 @@ from ..ops._common import accum_dtype
 
 _installed: dict[str, object] = {}  # method name -> the mergekit method object it replaced
 _adapter_classes: tuple | None = None
-NOT_DIFFERENTIABLE = {name for name in fe_methods.names() if not fe_methods.get(name).differentiable}
 
 
 def _registry():
@@ -56,10 +55,6 @@ def _registry():
     except ImportError as error:  # pragma: no cover - mergekit is optional
         raise ConfigError("fusion_engine.compat.mergekit needs mergekit (pip install mergekit)") from error
     return registry
-
-
-def _wants_grad(tensors) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _adapters() -> tuple:
@@ -97,8 +92,6 @@ def _adapters() -> tuple:
         class FusionEngineGroupMethod(FusionEngineMethod, GroupMergeMethod):
             def merge_group(self, group, /, **parameters) -> torch.Tensor:
                 entries = group.entries
-                if self.spec.name in NOT_DIFFERENTIABLE and _wants_grad(group.tensors):
-                    return self.original.merge_group(group, **parameters)
                 base_index = next((i for i, e in enumerate(entries) if e.is_base), None)
                 return self.merge_one([e.tensor for e in entries], [e.id for e in entries], base_index,
                                       group.metadata.name, parameters)

@@ -14,7 +14,7 @@ mergekit 0.1.5, with these differences:
 * merges are differentiable as mergekit's are: when an input requires grad (and grad mode is on),
   a method marked ``differentiable`` runs its exact torch path instead of the fused ops, and
   autograd records it (masks and sign elections are piecewise constant: gradients flow through the
-  kept entries). ``fisher`` and ``regmean`` (not mergekit methods) return a result without a graph.
+  kept entries). The methods mergekit does not have (fisher, regmean, ...) return a result without a graph.
 """
 
 from __future__ import annotations

@@ -75,7 +75,8 @@ def test_zero_weight_sum_follows_mergekit_division_and_native_stays_strict(insta
     ("della", 3, 0, {"weight": [0.7, 0.4], "density": 0.5, "epsilon": 0.1}),
     ("karcher", 3, None, {}),
     ("model_stock", 3, 0, {}),
-    ("sce", 3, 0, {"select_topk": 0.5}),  # no exact path here: mergekit's own method differentiates it
+    ("sce", 3, 0, {"select_topk": 0.5}),
+    ("arcee_fusion", 2, 0, {}),
 ])
 def test_gradients_through_installed_methods_are_mergekits(name, count, base, params):
     inputs = _inputs(count, grad=True)

@@ -30,6 +30,11 @@ CASES = [
     ("model_stock", 4, 0, {"filter_wise": True}),
     ("nearswap", 2, 0, {"t": 0.5}),
     ("passthrough", 1, None, {"scale": 0.5}),
+    ("sce", 4, 0, {}),
+    ("sce", 4, 0, {"select_topk": 0.5}),
+    ("ram", 3, 0, {"epsilon": 0.3}),
+    ("ramplus_tl", 3, 0, {"epsilon": 0.3, "r": 0.5, "alpha": 0.8}),
+    ("arcee_fusion", 2, 0, {}),
 ]
 
 

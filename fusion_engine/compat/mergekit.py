@@ -11,16 +11,27 @@ is ``mergekit-yaml`` with fusion_engine's methods installed.
 How: mergekit 0.1.5 looks every method up by name in one registry
 (``mergekit.merge_methods.registry``; ``merge_methods.get``), from its ``merge_tensors`` /
 ``merge_state_dicts`` and from the merge graph of ``mergekit-yaml``. ``install`` replaces each
-entry that fusion_engine implements by an adapter that keeps mergekit's spec (parameter names,
-scopes, defaults, input contract: configs resolve and validate exactly as before) and executes
-:func:`fusion_engine.merge_tensors` per output tensor. ``uninstall`` puts the original objects back.
+entry that fusion_engine implements by a method object of mergekit's own interface, of the same
+kind as the one it replaces: a ``BatchedMergeMethod`` (``supports_batching``, ``merge_batch``,
+an ``implementation`` kernel receiving mergekit's packed ``TensorBatch``: linear, slerp) or a
+``GroupMergeMethod`` (``merge_group``), with mergekit's spec (parameter names, scopes, defaults,
+input contract, ``pretty_name``, ``reference_url``, optional-tensor policy) and the original's
+attributes (``sparsification_method``, ``consensus_method``, ``default_normalize``, ...).
+mergekit's own binding, validation, batching, dtype promotion and graph adapter run unchanged;
+each output tensor is computed by :func:`fusion_engine.methods.api.merge_tensors`.
+``uninstall`` puts the original objects back.
 
-Semantics under the adapter: deterministic methods give mergekit's tensors (within float32
-rounding); NaN/Inf inputs propagate as in mergekit. The random methods (dare_*, della*) draw
-Philox masks: with ``install(seed=s)`` keyed by s and the tensor's name (reproducible whatever the
-execution order); with ``seed=None`` the key is drawn from torch's global generator per tensor,
-so ``mergekit-yaml --random-seed`` still governs the run, as it governs mergekit's masks.
-fusion_engine validates parameter ranges more strictly (e.g. a density above 1 is a ConfigError).
+Semantics under the adapter are mergekit's: deterministic methods give mergekit's tensors (within
+float32 rounding); NaN/Inf inputs propagate; weights summing to zero in a normalised ``linear``
+merge give NaN/±inf as mergekit's tensor division does (fusion_engine's own API raises a
+ConfigError there). Merges are differentiable as mergekit's: inputs requiring grad take
+fusion_engine's exact torch path (mergekit's values and gradients); coefficient tensors requiring
+grad in a direct ``merge_batch`` call go to mergekit's own kernel. The random methods (dare_*, della*)
+draw their masks with ``install(seed=None)`` (the default) from torch's global generator exactly
+as mergekit does (the same masks under one ``torch.manual_seed`` / ``--random-seed``); with
+``install(seed=s)`` from fusion_engine's fused Philox kernels keyed by s and the tensor's name
+(reproducible whatever the execution order). fusion_engine validates parameter ranges more
+strictly (e.g. a density above 1 is a ConfigError).
 """
 
 from __future__ import annotations
@@ -32,9 +43,10 @@ import torch
 
 from .. import methods as fe_methods
 from ..errors import ConfigError
+from ..ops._common import accum_dtype
 
 _installed: dict[str, object] = {}  # method name -> the mergekit method object it replaced
-_adapter_class = None
+_adapter_classes: tuple | None = None
 
 
 def _registry():
@@ -45,18 +57,20 @@ def _registry():
     return registry
 
 
-def _adapter():
-    """The adapter class, a subclass of mergekit's MergeMethod (built once mergekit is imported)."""
-    global _adapter_class
-    if _adapter_class is None:
-        from mergekit.merge_methods.base import MergeMethod
+def _adapters() -> tuple:
+    """(group adapter, batched adapter): subclasses of mergekit's GroupMergeMethod and
+    BatchedMergeMethod, built once mergekit is imported."""
+    global _adapter_classes
+    if _adapter_classes is None:
+        from mergekit.merge_methods.base import BatchedMergeMethod, GroupMergeMethod
 
-        class FusionEngineMethod(MergeMethod):
-            """mergekit's spec, fusion_engine's computation."""
-
-            supports_batching = False
+        class FusionEngineMethod:
+            """mergekit's spec and attributes, fusion_engine's computation (one output tensor at a time)."""
 
             def __init__(self, original, seed: int | None, backend: str | None):
+                for key, value in vars(original).items():  # e.g. GTA's sparsification_method
+                    if key not in ("spec", "implementation"):
+                        object.__setattr__(self, key, value)
                 self.original = original
                 self.spec = original.spec
                 self.seed = seed
@@ -64,26 +78,53 @@ def _adapter():
                 self.randomized = fe_methods.get(original.spec.name).randomized
 
             def __repr__(self) -> str:
-                return f"FusionEngineMethod({self.spec.name!r})"
+                return f"{type(self).__name__}({self.spec.name!r})"
 
-            def _execute(self, groups, parameters, options, *, input_dtypes, out_dtype=None):
-                return tuple(self._merge_group(group, bound, dtype, out_dtype)
-                             for group, bound, dtype in zip(groups, parameters, input_dtypes))
-
-            def _merge_group(self, group, bound, dtype, out_dtype) -> torch.Tensor:
-                entries = group.entries
-                base_index = next((i for i, e in enumerate(entries) if e.is_base), None)
-                params = dict(bound)
+            def merge_one(self, tensors, ids, base_index, name, parameters) -> torch.Tensor:
+                """The merged tensor of one group, already in its working dtype."""
+                params = dict(parameters)
                 if self.randomized:
-                    params["random_seed"] = (self.seed if self.seed is not None
-                                             else int(torch.randint(0, 1 << 62, (1,))))
+                    params["random_seed"] = self.seed
                 return fe_methods.api.merge_tensors(
-                    [e.tensor for e in entries], self.spec.name, parameters=params, ids=[e.id for e in entries],
-                    base_index=base_index, name=group.metadata.name, dtype=dtype, out_dtype=out_dtype,
+                    tensors, self.spec.name, parameters=params, ids=ids, base_index=base_index, name=name,
                     check_finite=False, backend=self.backend)
 
-        _adapter_class = FusionEngineMethod
-    return _adapter_class
+        class FusionEngineGroupMethod(FusionEngineMethod, GroupMergeMethod):
+            def merge_group(self, group, /, **parameters) -> torch.Tensor:
+                entries = group.entries
+                base_index = next((i for i, e in enumerate(entries) if e.is_base), None)
+                return self.merge_one([e.tensor for e in entries], [e.id for e in entries], base_index,
+                                      group.metadata.name, parameters)
+
+        class FusionEngineBatchedMethod(FusionEngineMethod, BatchedMergeMethod):
+            def __init__(self, original, seed: int | None, backend: str | None):
+                super().__init__(original, seed, backend)
+                self.implementation = self.merge_packed
+
+            def merge_packed(self, batch, /, **parameters) -> torch.Tensor:
+                """mergekit's batch kernel: G packed groups ([G, *shape] per input, coefficient
+                tensors with G rows) merged group by group; returns [G, *shape]."""
+                if any(isinstance(v, torch.Tensor) and v.requires_grad for v in parameters.values()):
+                    return self.original.implementation(batch, **parameters)  # gradients for coefficients
+                results = []
+                for g in range(batch.tensors[0].shape[0]):
+                    tensors = [t[g] for t in batch.tensors]
+                    params = {k: (v[g].tolist() if isinstance(v, torch.Tensor) else v) for k, v in parameters.items()}
+                    results.append(self._merge_divided(tensors, batch.base_index, params))
+                return results[0].unsqueeze(0) if len(results) == 1 else torch.stack(results)
+
+            def _merge_divided(self, tensors, base_index, params) -> torch.Tensor:
+                weights = params.get("weight")
+                if self.spec.name != "linear" or not params.get("normalize") or abs(sum(weights)) >= 1e-12:
+                    return self.merge_one(tensors, None, base_index, None, params)
+                # mergekit divides Σ w_i x_i by Σ w_i = 0 as a tensor: NaN or ±inf, not an error
+                acc = accum_dtype(tensors[0].dtype)
+                unnormalized = self.merge_one([t.to(acc) for t in tensors], None, base_index, None,
+                                              dict(params, normalize=False))
+                return (unnormalized / torch.tensor(sum(weights), dtype=acc)).to(tensors[0].dtype)
+
+        _adapter_classes = (FusionEngineGroupMethod, FusionEngineBatchedMethod)
+    return _adapter_classes
 
 
 def install(methods: Iterable[str] | None = None, *, seed: int | None = None, backend: str | None = None) -> list[str]:
@@ -92,7 +133,8 @@ def install(methods: Iterable[str] | None = None, *, seed: int | None = None, ba
     Parameters
     ----------
     methods : names of mergekit methods to replace (each must exist in both)
-    seed : key of the random methods' Philox masks (None: drawn from torch's generator per tensor)
+    seed : key of the random methods' Philox masks (None: masks drawn from torch's global generator
+        exactly as mergekit draws them)
     backend : the fusion_engine ops' backend (None: automatic)
 
     Returns the names replaced. Installing again first uninstalls.
@@ -107,10 +149,12 @@ def install(methods: Iterable[str] | None = None, *, seed: int | None = None, ba
         if name not in registry._METHODS or name not in ours:
             raise ConfigError(f"install: {name!r} is not a method of both mergekit and fusion_engine; "
                               f"choose from {sorted(ours & set(registry._METHODS))}")
-    adapter = _adapter()
+    group_adapter, batched_adapter = _adapters()
     for name in sorted(wanted):
-        _installed[name] = registry._METHODS[name]
-        registry._METHODS[name] = adapter(registry._METHODS[name], seed, backend)
+        original = registry._METHODS[name]
+        _installed[name] = original
+        adapter = batched_adapter if original.supports_batching else group_adapter
+        registry._METHODS[name] = adapter(original, seed, backend)
     return sorted(wanted)
 
 
@@ -120,7 +164,7 @@ def uninstall() -> None:
         return
     registry = _registry()
     for name, original in _installed.items():
-        if isinstance(registry._METHODS.get(name), _adapter()):
+        if isinstance(registry._METHODS.get(name), _adapters()):
             registry._METHODS[name] = original
     _installed.clear()
 

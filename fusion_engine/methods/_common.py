@@ -59,3 +59,13 @@ def nonzero_sum_weights(method: str, weights: list[float]) -> list[float]:
         raise ConfigError(f"{method}: the weights {weights} sum to 0; they are normalized by their sum, "
                           f"so give weights with a non-zero sum")
     return [w / total for w in weights]
+
+
+def exact_path(group, force: bool = False) -> bool:
+    """Whether a method takes its exact torch path: an input requires grad (``group.grad``) or the
+    caller asks for it (``force``: e.g. masks drawn from torch's global generator). NaN/Inf inputs
+    are reported first unless check_finite=False (the fused ops report them on the other path)."""
+    if group.grad or force:
+        require_finite(group, any_nonfinite([t.detach() for t in group.tensors]))
+        return True
+    return False

@@ -11,7 +11,10 @@ mergekit 0.1.5, with these differences:
 * invalid input raises a :class:`~fusion_engine.errors.FusionEngineError` subclass naming the
   parameter, tensor or input; NaN/Inf inputs raise :class:`NonFiniteError` unless
   ``check_finite=False`` (mergekit propagates them);
-* merges are not differentiable (no autograd graph is recorded).
+* merges are differentiable as mergekit's are: when an input requires grad (and grad mode is on),
+  a method marked ``differentiable`` runs its exact torch path instead of the fused ops, and
+  autograd records it (masks and sign elections are piecewise constant: gradients flow through the
+  kept entries). The methods mergekit does not have (fisher, regmean, ...) return a result without a graph.
 """
 
 from __future__ import annotations
@@ -128,10 +131,11 @@ def merge_bound(tensors: list[torch.Tensor], method: R.Method, bound: dict[str, 
         return torch.empty(tensors[0].shape, dtype=result_dtype, device=tensors[0].device)
     if check_finite and m.name not in CHECKED_BY_OPS and (bad := _nonfinite(tensors, ids)):
         _raise_nonfinite(m.name, label, bad)
+    grad = m.differentiable and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     group = R.Group([t if t.dtype == working else t.to(working) for t in tensors], base_index, name,
-                    result_dtype, backend, check_finite)
+                    result_dtype, backend, check_finite, grad)
     try:
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             result = m.merge(group, **bound)
     except NonFiniteError as error:
         _raise_nonfinite(m.name, label, _nonfinite(tensors, ids), error)
@@ -198,7 +202,7 @@ def merge_state_dicts(models: Mapping[Hashable, Any] | Sequence[Any], method: st
 
 def _as_state_dict(method: str, key, model) -> Mapping[str, torch.Tensor]:
     if isinstance(model, torch.nn.Module):
-        model = model.state_dict()
+        model = model.state_dict(keep_vars=True)  # parameters keep their autograd connection (mergekit)
     if not isinstance(model, Mapping):
         raise ConfigError(f"{method}: model {key!r} is a {type(model).__name__}; pass a state dict or an nn.Module")
     for name, tensor in model.items():

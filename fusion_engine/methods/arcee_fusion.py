@@ -62,12 +62,22 @@ def quartiles(values: torch.Tensor, backend: str | None = None) -> list[float]:
     return [float(flat.kthvalue(order_index(q, flat.numel()) + 1).values) for q in (0.25, 0.5, 0.75)]
 
 
+def threshold_of(scores: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """T = Q₅₀ + 1.5 (Q₇₅ − Q₂₅), in the scores' dtype."""
+    q1, median, q3 = (torch.tensor(q, dtype=scores.dtype) for q in quartiles(scores, backend))
+    return median + 1.5 * (q3 - q1)
+
+
 def merge_arcee_fusion(group: Group) -> torch.Tensor:
     base = group.base
     (x,) = group.non_base
+    if M.exact_path(group):  # differentiable as mergekit's: the mask [I ≥ T] is constant
+        with torch.no_grad():
+            scores = importance(x, base)
+            keep = scores >= threshold_of(scores, group.backend)
+        return (base + (x - base) * keep).to(group.out_dtype)
     scores = importance(x, base)
-    q1, median, q3 = (torch.tensor(q, dtype=scores.dtype) for q in quartiles(scores, group.backend))
-    threshold = median + 1.5 * (q3 - q1)
+    threshold = threshold_of(scores, group.backend)
     out = torch.empty(base.shape, dtype=group.out_dtype, device=base.device)
     fo, fx, fb, fs = out.view(-1), flat(x), flat(base), scores.view(-1)
     for s, e in M.cache_chunks(fo.numel(), base.device):  # y = a + (x − a) ⊙ [I ≥ T]
@@ -77,6 +87,7 @@ def merge_arcee_fusion(group: Group) -> torch.Tensor:
 
 register(Method(
     name="arcee_fusion", merge=merge_arcee_fusion, base=BASE_REQUIRED, min_inputs=2, max_inputs=2,
+    differentiable=True,
     summary="keep the other model's most important changes (KL-weighted, IQR threshold)",
     reference="https://arcee.ai",
 ))

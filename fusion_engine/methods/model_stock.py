@@ -38,7 +38,7 @@ def stock_ratio(cos_theta, count: int):
 def merge_model_stock(group: Group, *, filter_wise: bool) -> torch.Tensor:
     base, xs = group.base, group.non_base
     count = len(xs)
-    if not filter_wise:
+    if not filter_wise and not M.exact_path(group):
         gram, nonfinite = M.inner_products(xs, base, group.backend)
         M.require_finite(group, nonfinite)
         norms = [max(0.0, gram[i][i]) ** 0.5 for i in range(count)]
@@ -48,9 +48,14 @@ def merge_model_stock(group: Group, *, filter_wise: bool) -> torch.Tensor:
         if math.isnan(t):  # NaN inputs merged with check_finite=False
             return torch.full_like(base, math.nan, dtype=group.out_dtype)
         return linear_merge([base, *xs], [1.0 - t] + [t / count] * count, normalize=False, **group.ops_kwargs)
-    M.require_finite(group, M.any_nonfinite(group.tensors))
+    # one ratio per row (filter_wise), or over the whole flattened tensor on the exact path
+    if not group.grad:
+        M.require_finite(group, M.any_nonfinite(group.tensors))
     acc = accum_dtype(base.dtype)
-    rows = (lambda v: v.unsqueeze(0)) if base.dim() <= 1 else (lambda v: v)  # noqa: E731
+    if not filter_wise:
+        rows = lambda v: v.reshape(1, -1)  # noqa: E731
+    else:
+        rows = (lambda v: v.unsqueeze(0)) if base.dim() <= 1 else (lambda v: v)  # noqa: E731
     b = rows(base).to(acc)
     deltas_norm = [rows(M.task_vector(x, base)).to(acc).norm(dim=-1) for x in xs]
     cos_sum = torch.zeros_like(deltas_norm[0])
@@ -67,6 +72,6 @@ def merge_model_stock(group: Group, *, filter_wise: bool) -> torch.Tensor:
 register(Method(
     name="model_stock", merge=merge_model_stock,
     parameters=(Parameter("filter_wise", bool, SHARED, default=False, doc="one ratio per row"),),
-    base=BASE_REQUIRED, min_inputs=3,
+    base=BASE_REQUIRED, min_inputs=3, differentiable=True,
     summary="base-to-average interpolation from task-vector angles", reference="https://arxiv.org/abs/2403.19522",
 ))

@@ -22,6 +22,10 @@ from .registry import BASE_REQUIRED, SHARED, Group, Method, Parameter, register
 def merge_nearswap(group: Group, *, t: float) -> torch.Tensor:
     base, (other,) = group.base, group.non_base
     acc = accum_dtype(base.dtype)
+    if M.exact_path(group):  # the formula itself, differentiable (w depends on |a − b| where unclamped)
+        a, b = base.to(acc), other.to(acc)
+        w = (t / (a - b).abs().clamp(min=1e-6)).clamp(0, 1)
+        return (w * b + (1 - w) * a).to(group.out_dtype)
     out = torch.empty(base.shape, dtype=group.out_dtype, device=base.device)
     fa, fb, fo = flat(base), flat(other), out.view(-1)
     size = min(fa.numel(), M.CACHE_CHUNK)
@@ -41,7 +45,7 @@ def merge_nearswap(group: Group, *, t: float) -> torch.Tensor:
 register(Method(
     name="nearswap", merge=merge_nearswap,
     parameters=(Parameter("t", float, SHARED, low=0.0, doc="distance below which the other value is taken"),),
-    base=BASE_REQUIRED, min_inputs=2, max_inputs=2,
+    base=BASE_REQUIRED, min_inputs=2, max_inputs=2, differentiable=True,
     summary="swap in the other model's values near the base's",
     reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
 ))

@@ -25,5 +25,6 @@ PASSTHROUGH = register(Method(
     merge=merge_passthrough,
     parameters=(Parameter("scale", float, INPUT, default=None, optional=True, doc="s, or null for none"),),
     max_inputs=1,
+    differentiable=True,  # plain torch: x or s·x
     summary="copy the one input, optionally scaled",
 ))

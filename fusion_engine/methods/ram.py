@@ -51,10 +51,27 @@ class _Changes:
         return masks
 
 
+def ram_exact(group: Group, epsilon: float, unique_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """y = b + Σ_i (n_i ⊙ δ_i ⊙ [c = 1] · s_i + n_i ⊙ δ_i ⊙ [c > 1] / max(c, 1)) in plain torch,
+    differentiable as mergekit's (the masks and counts are constant; s_i = λ_i for ramplus_tl, else 1)."""
+    base = group.base
+    tv = torch.stack([M.task_vector(x, base).reshape(-1) for x in group.non_base])
+    changed = tv.detach().abs() > epsilon
+    counts = changed.sum(dim=0, keepdim=True)
+    kept = tv * changed
+    unique = kept * (counts == 1)
+    if unique_scale is not None:
+        unique = unique * unique_scale.view(-1, 1)
+    merged = (unique + kept * (counts > 1) / counts.clamp(min=1)).sum(dim=0)
+    return (base + merged.reshape(base.shape)).to(group.out_dtype)
+
+
 def merge_ram(group: Group, *, epsilon: float) -> torch.Tensor:
     base = group.base
     if not group.non_base:
         return base.to(group.out_dtype)
+    if M.exact_path(group):
+        return ram_exact(group, epsilon)
     steps = _Changes(group, epsilon)
     out = torch.empty(base.shape, dtype=group.out_dtype, device=base.device)
     fo, size = out.view(-1), min(base.numel(), M.CACHE_CHUNK)
@@ -71,6 +88,15 @@ def merge_ramplus_tl(group: Group, *, r: float, alpha: float, epsilon: float) ->
     base, xs = group.base, group.non_base
     if not xs:
         return base.to(group.out_dtype)
+    if M.exact_path(group):
+        with torch.no_grad():
+            tv = torch.stack([M.task_vector(x, base).reshape(-1) for x in xs])
+            changed = tv.abs() > epsilon
+            counts = changed.sum(dim=0)
+            shared, unique = (changed & (counts > 1)).sum(dim=1), (changed & (counts == 1)).sum(dim=1)
+            rho = shared / unique.clamp(min=epsilon)  # shared / unique changes per input
+            scale = 1 + r * rho.clamp(min=0, max=alpha)
+        return ram_exact(group, epsilon, scale.to(accum_dtype(base.dtype)))
     steps = _Changes(group, epsilon)
     n, device = base.numel(), base.device
     total = torch.empty(n, dtype=steps.acc, device=device)
@@ -103,7 +129,7 @@ def merge_ramplus_tl(group: Group, *, r: float, alpha: float, epsilon: float) ->
 
 EPSILON = Parameter("epsilon", float, SHARED, default=1e-5, low=0.0, doc="|δ| above which an entry counts as changed")
 register(Method(
-    name="ram", merge=merge_ram, parameters=(EPSILON,), base=BASE_REQUIRED,
+    name="ram", merge=merge_ram, parameters=(EPSILON,), base=BASE_REQUIRED, differentiable=True,
     summary="unique changes kept, shared changes averaged", reference="https://arxiv.org/abs/2601.13572",
 ))
 register(Method(
@@ -113,7 +139,7 @@ register(Method(
         Parameter("alpha", float, SHARED, default=0.2, low=0.0, doc="cap of the overlap ratio"),
         EPSILON,
     ),
-    base=BASE_REQUIRED,
+    base=BASE_REQUIRED, differentiable=True,
     summary="RAM with unique changes boosted by the overlap ratio (tensor-local)",
     reference="https://arxiv.org/abs/2601.13572",
 ))

@@ -146,6 +146,7 @@ class Group:
     out_dtype: torch.dtype
     backend: str | None = None
     check_finite: bool = True
+    grad: bool = False  # an input requires grad: take the method's exact differentiable torch path
 
     @property
     def base(self) -> torch.Tensor | None:
@@ -168,6 +169,9 @@ class Method:
     ``merge(group, **parameters)`` receives shared values as scalars and per-input values as
     lists aligned with ``group.tensors`` (scope ``input``) or ``group.non_base`` (``non_base``).
     ``check`` validates combinations of bound parameters (e.g. DELLA's density ± epsilon).
+    ``differentiable``: when an input requires grad (and grad mode is on), ``merge`` receives
+    ``group.grad = True`` and computes the result with torch operations autograd differentiates
+    (mergekit's derivatives; masks and elections are piecewise constant), instead of the fused ops.
     """
 
     name: str
@@ -182,6 +186,7 @@ class Method:
     check: Callable[[str, dict[str, Any]], None] | None = None
     summary: str = ""
     reference: str = ""
+    differentiable: bool = False  # ``merge`` has a torch path autograd differentiates (``group.grad``)
     @property
     def parameter_names(self) -> tuple[str, ...]:
         return tuple(p.name for p in self.parameters)

@@ -47,6 +47,8 @@ def merge_sce(group: Group, *, int8_mask: bool, select_topk: float) -> torch.Ten
     base, xs = group.base, group.non_base
     if not xs:
         return base.to(group.out_dtype)
+    if M.exact_path(group):
+        return sce_exact(group, select_topk)
     if select_topk < 1:
         keep = (variance_keep(group, select_topk) if select_topk > 0
                 else torch.zeros(base.shape, dtype=torch.bool, device=base.device))
@@ -67,6 +69,25 @@ def merge_sce(group: Group, *, int8_mask: bool, select_topk: float) -> torch.Ten
     return mixed.view(base.shape).add_(base).to(group.out_dtype)
 
 
+def sce_exact(group: Group, select_topk: float) -> torch.Tensor:
+    """SCE in plain torch, differentiable as mergekit's: the selection and sign masks are constant;
+    c_i = mean(v_i²) / Σ_j mean(v_j²) carries gradients through its numerators (mergekit divides by
+    the sum as a number), and the divisor is clamped at 1e-6 as in mergekit."""
+    base = group.base
+    v = torch.stack([M.task_vector(x, base) for x in group.non_base])
+    if select_topk < 1:
+        with torch.no_grad():
+            keep = (variance_keep(group, select_topk) if select_topk > 0
+                    else torch.zeros(base.shape, dtype=torch.bool, device=base.device))
+        v = v * keep.to(v.dtype)
+    energies = v.square().reshape(len(v), -1).mean(dim=1)
+    total = float(energies.detach().sum())
+    weights = torch.full_like(energies, 1.0 / len(v)) if abs(total) < 1e-6 else energies / total
+    majority = torch.where(v.detach().sum(0) >= 0, 1.0, -1.0).to(v.dtype)
+    agree = weights.view(-1, *[1] * (v.dim() - 1)) * (v.detach().sign() == majority).to(v.dtype)
+    return (base + (v * agree).sum(0) / agree.sum(0).clamp(min=1e-6)).to(group.out_dtype)
+
+
 SCE = register(Method(
     name="sce",
     merge=merge_sce,
@@ -75,7 +96,7 @@ SCE = register(Method(
         Parameter("select_topk", float, SHARED, default=1.0, low=0.0, high=1.0,
                   doc="τ, fraction of high-variance entries kept"),
     ),
-    base=BASE_REQUIRED,
+    base=BASE_REQUIRED, differentiable=True,
     summary="select by variance, weight by energy, erase minority signs",
     reference="https://arxiv.org/abs/2408.07990",
 ))

@@ -48,8 +48,9 @@ import torch
 
 from ..errors import ConfigError
 from ..ops import dare_merge, linear_merge, magnitude_mask, stream_id, task_arithmetic, ties_merge
-from ..ops._common import accum_dtype
-from ..ops.philox import random_words
+from ..ops._common import EPS_NORM, accum_dtype, combine_reference
+from ..ops.magnitude_mask import topk_magnitude_reference
+from ..ops.philox import keep_mask, random_words
 from . import _common as M
 from .registry import NON_BASE, SHARED, BASE_REQUIRED, Group, Method, Parameter, register
 
@@ -65,8 +66,9 @@ def _parameters(normalize: bool, rescale: bool, extra: tuple[Parameter, ...] = (
         Parameter("weight", float, NON_BASE, doc="w_i, one per non-base input"),
         Parameter("density", float, NON_BASE, default=1.0, low=0.0, high=1.0, doc="ρ_i, fraction kept"),
     )
-    seed = (Parameter("random_seed", int, SHARED, default=0, low=0, high=SEED_LIMIT, high_open=True,
-                      doc="seed of the Philox masks (with the tensor name's stream)"),) if randomized else ()
+    seed = (Parameter("random_seed", int, SHARED, default=0, low=0, high=SEED_LIMIT, high_open=True, optional=True,
+                      doc="seed of the Philox masks (with the tensor name's stream); null: torch's global "
+                          "generator, drawn as mergekit draws it"),) if randomized else ()
     return common + extra + seed
 
 
@@ -90,6 +92,8 @@ def merge_task_arithmetic(group: Group, **p) -> torch.Tensor:
     """y = b + λ Σ w_i δ_i / D (task_arithmetic op; ``normalize`` pre-divides the weights)."""
     if (y := _no_inputs(group)) is not None:
         return y
+    if M.exact_path(group):
+        return merge_exact(None, None, group, **p)
     w = p["weight"]
     if p["normalize"]:
         total = sum(w)
@@ -101,6 +105,8 @@ def merge_ties(group: Group, **p) -> torch.Tensor:
     """TIES on the fused ties_merge op with mergekit's keep count max(1, int(ρ n))."""
     if (y := _no_inputs(group)) is not None:
         return y
+    if M.exact_path(group):
+        return merge_exact("magnitude", "sum", group, **p)
     n = group.base.numel()
     ks = [M.mergekit_topk_count(d, n) for d in p["density"]]
     return ties_merge(group.base, group.non_base, p["weight"], k=ks, sign="sum", sign_on="weighted",
@@ -112,6 +118,8 @@ def merge_dare(consensus: str | None, group: Group, **p) -> torch.Tensor:
     """DARE on the fused dare_merge op: Philox Bernoulli(ρ) masks, mergekit's L1 rescale."""
     if (y := _no_inputs(group)) is not None:
         return y
+    if M.exact_path(group, force=p["random_seed"] is None):
+        return merge_exact("random", consensus, group, **p)
     return dare_merge(group.base, group.non_base, p["weight"], p["density"], seed=p["random_seed"],
                       stream=_stream(group), consensus=consensus, sign_on="weighted", divisor="weights",
                       rescale="l1" if p["rescale"] else None, normalize=p["normalize"], lam=p["lambda"],
@@ -167,6 +175,8 @@ def merge_breadcrumbs(consensus: str | None, group: Group, **p) -> torch.Tensor:
     """Model breadcrumbs: drop the outliers and the small entries of each task vector, then combine."""
     if (y := _no_inputs(group)) is not None:
         return y
+    if M.exact_path(group):
+        return merge_exact("outliers", consensus, group, **p)
     base = group.base
     kept = []
     for x, rho, gamma in zip(group.non_base, p["density"], p["gamma"]):
@@ -226,6 +236,8 @@ def merge_della(consensus: str | None, group: Group, **p) -> torch.Tensor:
     """DELLA: rank-dependent random drop (MagPrune), L1 rescale, then combine."""
     if (y := _no_inputs(group)) is not None:
         return y
+    if M.exact_path(group, force=p["random_seed"] is None):
+        return merge_exact("della", consensus, group, **p)
     base = group.base
     stream = _stream(group)
     kept = []
@@ -240,10 +252,68 @@ def merge_della(consensus: str | None, group: Group, **p) -> torch.Tensor:
     return combine(group, kept, p["weight"], consensus, p["normalize"], p["lambda"])
 
 
+# ---------------------------------------------------------------- the exact (differentiable) path
+
+
+def sparsified(kind: str | None, d: torch.Tensor, density: float, *, rescale: bool, gamma: float = 0.0,
+               epsilon: float = 0.0, seed: int | None = 0, stream: int = 0, model: int = 0,
+               backend: str | None = None) -> torch.Tensor:
+    """mergekit's ``sparsify`` of one task vector d, differentiable in d: v = d ⊙ m, times
+    ‖d‖₁/‖d ⊙ m‖₁ when ``rescale`` (unless either is below 1e-7), the mask m held constant.
+
+    ``kind``: None (no mask), "magnitude" (TIES), "outliers" (breadcrumbs), "random" (DARE),
+    "della" (MagPrune). The random masks come from Philox keyed by ``seed`` (as on the fused path)
+    or, with ``seed=None``, from torch's global generator, drawn exactly as mergekit draws them
+    (``torch.bernoulli`` of the keep probabilities, in float32 on CPU except for bfloat16, where
+    mergekit also computes the masked vector): the same masks as mergekit under one torch seed.
+    """
+    if kind is None or density >= 1:
+        return d
+    if density <= 0 and kind != "random":
+        return d * 0
+    flat_d = d.detach().reshape(-1)
+    work = d.dtype
+    if kind == "magnitude":
+        keep = topk_magnitude_reference(flat_d, M.mergekit_topk_count(density, d.numel()), "index")
+    elif kind == "outliers":
+        keep = breadcrumbs_keep(flat_d, density, gamma, backend)
+    elif seed is not None:
+        keep = (keep_mask(d.numel(), density, seed=seed, stream=stream, model=model, device=d.device)
+                if kind == "random" else della_keep(d.detach(), density, epsilon, seed=seed, stream=stream, model=model))
+    else:
+        work = d.dtype if d.device.type != "cpu" or d.dtype == torch.bfloat16 else torch.float32
+        probability = (torch.full_like(d, density, dtype=work) if kind == "random"
+                       else della_keep_probability(d.detach(), density, epsilon).to(work))
+        keep = torch.bernoulli(probability)
+    x = d.to(work)
+    kept = x * keep.reshape(d.shape).to(work)
+    if rescale:
+        before, after = x.abs().sum(), kept.abs().sum()
+        if float(before.detach()) >= EPS_NORM and float(after.detach()) >= EPS_NORM:
+            kept = kept * (before / after)
+    return kept.to(d.dtype)
+
+
+def merge_exact(kind: str | None, consensus: str | None, group: Group, **p) -> torch.Tensor:
+    """The task-vector family in plain torch, differentiable as mergekit's is: v_i = sparsified(δ_i),
+    then the weighted, sign-elected combination of :func:`ops._common.combine_reference`."""
+    base = group.base
+    stream = _stream(group)
+    kept = []
+    for i, x in enumerate(group.non_base):
+        d = sparsified(kind, M.task_vector(x, base), p["density"][i], rescale=p["rescale"],
+                       gamma=p["gamma"][i] if "gamma" in p else 0.0, epsilon=p["epsilon"][i] if "epsilon" in p else 0.0,
+                       seed=p.get("random_seed", 0), stream=stream, model=i, backend=group.backend)
+        kept.append(d.reshape(-1))
+    y = combine_reference(base.reshape(-1), kept, p["weight"], consensus=consensus, sign_on="weighted",
+                          divisor="weights", normalize=p["normalize"], lam=p["lambda"], out_dtype=group.out_dtype)
+    return y.view(base.shape)
+
+
 def _gta(name, merge, *, normalize, rescale, extra=(), randomized=False, check=None, summary="", ref=""):
     return register(Method(name=name, merge=merge, parameters=_parameters(normalize, rescale, extra, randomized),
                            base=BASE_REQUIRED, randomized=randomized, check=check,
-                           summary=summary, reference=ref))
+                           summary=summary, reference=ref, differentiable=True))
 
 
 _gta("task_arithmetic", merge_task_arithmetic, normalize=False, rescale=False,

@@ -146,7 +146,7 @@ def flat(t: torch.Tensor) -> torch.Tensor:
 def run(op: str, named: Sequence[tuple[str, torch.Tensor]], shape, dtype, device, backend, check_finite, args, kwargs):
     """Dispatch one call to a kernel-level function and report non-finite inputs by name."""
     _, kernel = resolve(op, device, dtype, backend)
-    with torch.no_grad():  # merges are not differentiable: every backend returns a plain tensor
+    with torch.no_grad():  # the fused ops are not differentiable (methods take an exact torch path for autograd)
         out, nonfinite = kernel(*args, **kwargs)
     if nonfinite and check_finite:
         bad = [name for name, t in named if any_nonfinite_reference([t])]

@@ -476,6 +476,18 @@ def test_mutated_corpus_files_get_one_verdict_from_both_readers(lib, tmp_path, s
     assert _python_opens(path) == (status == FE_OK), f"C says {c_message or 'ok'} for {raw[:300]!r}"
 
 
+def test_error_messages_are_utf8_whatever_the_file_holds(lib):
+    """A message quoting header bytes that are not UTF-8 shows them as \\xNN (a hypothesis find: a lone
+    surrogate escape whose next byte became 0x80)."""
+    seed = next(p for p in SAFETENSORS_CORPUS if p.name == "bad_high_surrogate_alone.safetensors")
+    raw = bytearray(seed.read_bytes())
+    raw[12] = 0x80
+    handle = C.c_void_p()
+    assert lib.fe_st_open_memory(bytes(raw), len(raw), C.byref(handle)) == FE_ERR_FORMAT
+    message = lib.fe_last_error().decode("utf-8")  # strict: must not raise
+    assert "\\x80" in message, message
+
+
 # ----------------------------------------------------------------------------------------------
 # the merger
 

@@ -138,8 +138,7 @@ def _compile(specs: list[dict], tmp_path: Path) -> subprocess.CompletedProcess:
     python = os.environ.get("FUSION_ENGINE_AOT_PYTHON") or sys.executable
     path = tmp_path / "specs.json"
     path.write_text(json.dumps(specs))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the package as this process sees it
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
     return subprocess.run([python, str(ROOT / "tests" / "triton_aot.py"), str(path), "--arch", "90"],
                           capture_output=True, text=True, env=env, timeout=1500, cwd=tmp_path)

@@ -84,7 +84,9 @@ FE_API const char* fe_status_string(fe_status status);
 
 /* The message of the most recent failed call on this thread ("" if none): it names the
  * function, the tensor or parameter at fault and what to do. Successful calls leave it as it
- * is. The pointer stays valid until the next failing call on this thread. */
+ * is. The pointer stays valid until the next failing call on this thread. The message is
+ * well-formed UTF-8: bytes of untrusted input it quotes that are not (and control characters)
+ * appear as \xNN. */
 FE_API const char* fe_last_error(void);
 
 /* ------------------------------------------------------------------------------------------ */

@@ -146,24 +146,24 @@ bool fisher_merge(const Pointers& inputs, const Pointers& fishers, const std::ve
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "fusion_engine CUDA kernels (csrc/cuda): raw device pointers in, nonfinite flag out";
   export_enum_codes(m);
-  m.def("linear_merge", &linear_merge, py::arg("inputs"), py::arg("coeffs"), py::arg("n"), py::arg("dtype"),
-        py::arg("out"), py::arg("out_dtype"), py::arg("stream"), "y = sum_i coeffs[i] x_i; returns nonfinite");
-  m.def("task_arithmetic", &task_arithmetic, py::arg("base"), py::arg("inputs"), py::arg("coeffs"), py::arg("n"),
-        py::arg("dtype"), py::arg("out"), py::arg("out_dtype"), py::arg("stream"),
+  m.def("linear_merge", &linear_merge, py::kw_only(), py::arg("inputs"), py::arg("coeffs"), py::arg("n"),
+        py::arg("dtype"), py::arg("out"), py::arg("out_dtype"), py::arg("stream"), "y = sum_i coeffs[i] x_i; returns nonfinite");
+  m.def("task_arithmetic", &task_arithmetic, py::kw_only(), py::arg("base"), py::arg("inputs"), py::arg("coeffs"),
+        py::arg("n"), py::arg("dtype"), py::arg("out"), py::arg("out_dtype"), py::arg("stream"),
         "y = b + sum_i coeffs[i] dtype(x_i - b); returns nonfinite");
-  m.def("magnitude_mask", &magnitude_mask, py::arg("x"), py::arg("n"), py::arg("dtype"), py::arg("k"),
+  m.def("magnitude_mask", &magnitude_mask, py::kw_only(), py::arg("x"), py::arg("n"), py::arg("dtype"), py::arg("k"),
         py::arg("tie_index"), py::arg("out"), py::arg("stream"),
         "out (bool) = the k entries of largest |x|; returns nonfinite");
-  m.def("ties_merge", &ties_merge, py::arg("base"), py::arg("inputs"), py::arg("weights"), py::arg("ks"),
+  m.def("ties_merge", &ties_merge, py::kw_only(), py::arg("base"), py::arg("inputs"), py::arg("weights"), py::arg("ks"),
         py::arg("n"), py::arg("dtype"), py::arg("rescale_l1"), py::arg("tie_index"), py::arg("consensus"),
         py::arg("sign_weighted"), py::arg("divisor_weights"), py::arg("normalize"), py::arg("lam"), py::arg("out"),
         py::arg("out_dtype"), py::arg("stream"), "TIES merge; returns nonfinite");
-  m.def("dare_merge", &dare_merge, py::arg("base"), py::arg("inputs"), py::arg("weights"), py::arg("densities"),
+  m.def("dare_merge", &dare_merge, py::kw_only(), py::arg("base"), py::arg("inputs"), py::arg("weights"), py::arg("densities"),
         py::arg("thresholds"), py::arg("n"), py::arg("dtype"), py::arg("seed"), py::arg("stream_id"),
         py::arg("offset"), py::arg("rescale"), py::arg("consensus"), py::arg("sign_weighted"),
         py::arg("divisor_weights"), py::arg("normalize"), py::arg("lam"), py::arg("out"), py::arg("out_dtype"),
         py::arg("stream"), "DARE merge; returns nonfinite");
-  m.def("fisher_merge", &fisher_merge, py::arg("inputs"), py::arg("fishers"), py::arg("weights"), py::arg("n"),
+  m.def("fisher_merge", &fisher_merge, py::kw_only(), py::arg("inputs"), py::arg("fishers"), py::arg("weights"), py::arg("n"),
         py::arg("dtype"), py::arg("fisher_dtype"), py::arg("eps"), py::arg("out"), py::arg("out_dtype"),
         py::arg("stream"), "Fisher-weighted average; returns nonfinite");
 }

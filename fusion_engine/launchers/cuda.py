@@ -21,9 +21,10 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1) if t.is_contiguous() else t.contiguous().reshape(-1)
 
 
-def _launch(kernel, device: torch.device, *args) -> bool:
+def _launch(kernel, device: torch.device, **arguments) -> bool:
+    """Run a keyword-only binding on ``device``'s current stream; returns its non-finite flag."""
     with torch.cuda.device(device):
-        return bool(kernel(*args, torch.cuda.current_stream(device).cuda_stream))
+        return bool(kernel(**arguments, stream=torch.cuda.current_stream(device).cuda_stream))
 
 
 def linear_merge(tensors: list[torch.Tensor], coeffs: list[float], *, out_dtype: torch.dtype):
@@ -32,8 +33,8 @@ def linear_merge(tensors: list[torch.Tensor], coeffs: list[float], *, out_dtype:
     out = empty_like_flat(first, out_dtype)
     if out.numel() == 0:
         return out, False
-    nonfinite = _launch(_C_cuda.linear_merge, first.device, ptrs(tensors), [float(c) for c in coeffs],
-                        first.numel(), code(first.dtype), out.data_ptr(), code(out_dtype))
+    nonfinite = _launch(_C_cuda.linear_merge, first.device, inputs=ptrs(tensors), coeffs=[float(c) for c in coeffs],
+                        n=first.numel(), dtype=code(first.dtype), out=out.data_ptr(), out_dtype=code(out_dtype))
     return out, nonfinite
 
 
@@ -44,8 +45,9 @@ def task_arithmetic(base: torch.Tensor, tensors: list[torch.Tensor], coeffs: lis
     out = empty_like_flat(base, out_dtype)
     if out.numel() == 0:
         return out, False
-    nonfinite = _launch(_C_cuda.task_arithmetic, base.device, base.data_ptr(), ptrs(tensors),
-                        [float(c) for c in coeffs], base.numel(), code(base.dtype), out.data_ptr(), code(out_dtype))
+    nonfinite = _launch(_C_cuda.task_arithmetic, base.device, base=base.data_ptr(), inputs=ptrs(tensors),
+                        coeffs=[float(c) for c in coeffs], n=base.numel(), dtype=code(base.dtype), out=out.data_ptr(),
+                        out_dtype=code(out_dtype))
     return out, nonfinite
 
 
@@ -54,8 +56,8 @@ def magnitude_mask(x: torch.Tensor, k: int, *, tie: str):
     out = torch.empty(x.numel(), dtype=torch.bool, device=x.device)
     if out.numel() == 0:
         return out, False
-    nonfinite = _launch(_C_cuda.magnitude_mask, x.device, x.data_ptr(), x.numel(), code(x.dtype), int(k),
-                        tie == "index", out.data_ptr())
+    nonfinite = _launch(_C_cuda.magnitude_mask, x.device, x=x.data_ptr(), n=x.numel(), dtype=code(x.dtype), k=int(k),
+                        tie_index=tie == "index", out=out.data_ptr())
     return out, nonfinite
 
 
@@ -67,10 +69,12 @@ def ties_merge(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[fl
     out = empty_like_flat(base, out_dtype)
     if out.numel() == 0:
         return out, False
-    nonfinite = _launch(_C_cuda.ties_merge, base.device, base.data_ptr(), ptrs(tensors), [float(w) for w in weights],
-                        [int(k) for k in ks], base.numel(), code(base.dtype), rescale == "l1", tie == "index",
-                        CONSENSUS_CODES[sign], sign_on == "weighted", divisor == "weights", bool(normalize),
-                        float(lam), out.data_ptr(), code(out_dtype))
+    nonfinite = _launch(_C_cuda.ties_merge, base.device, base=base.data_ptr(), inputs=ptrs(tensors),
+                        weights=[float(w) for w in weights], ks=[int(k) for k in ks], n=base.numel(),
+                        dtype=code(base.dtype), rescale_l1=rescale == "l1", tie_index=tie == "index",
+                        consensus=CONSENSUS_CODES[sign], sign_weighted=sign_on == "weighted",
+                        divisor_weights=divisor == "weights", normalize=bool(normalize), lam=float(lam),
+                        out=out.data_ptr(), out_dtype=code(out_dtype))
     return out, nonfinite
 
 
@@ -83,11 +87,13 @@ def dare_merge(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[fl
     if out.numel() == 0:
         return out, False
     densities = [float(d) for d in densities]
-    nonfinite = _launch(_C_cuda.dare_merge, base.device, base.data_ptr(), ptrs(tensors), [float(w) for w in weights],
-                        densities, [keep_threshold(d) for d in densities], base.numel(), code(base.dtype),
-                        int(seed), int(stream), int(offset), RESCALE_CODES[rescale], CONSENSUS_CODES[consensus],
-                        sign_on == "weighted", divisor == "weights", bool(normalize), float(lam), out.data_ptr(),
-                        code(out_dtype))
+    nonfinite = _launch(_C_cuda.dare_merge, base.device, base=base.data_ptr(), inputs=ptrs(tensors),
+                        weights=[float(w) for w in weights], densities=densities,
+                        thresholds=[keep_threshold(d) for d in densities], n=base.numel(), dtype=code(base.dtype),
+                        seed=int(seed), stream_id=int(stream), offset=int(offset), rescale=RESCALE_CODES[rescale],
+                        consensus=CONSENSUS_CODES[consensus], sign_weighted=sign_on == "weighted",
+                        divisor_weights=divisor == "weights", normalize=bool(normalize), lam=float(lam),
+                        out=out.data_ptr(), out_dtype=code(out_dtype))
     return out, nonfinite
 
 
@@ -99,7 +105,8 @@ def fisher_merge(tensors: list[torch.Tensor], fishers: list[torch.Tensor], weigh
     out = empty_like_flat(first, out_dtype)
     if out.numel() == 0:
         return out, False
-    nonfinite = _launch(_C_cuda.fisher_merge, first.device, ptrs(tensors), ptrs(fishers), [float(w) for w in weights],
-                        first.numel(), code(first.dtype), code(fishers[0].dtype), float(eps), out.data_ptr(),
-                        code(out_dtype))
+    nonfinite = _launch(_C_cuda.fisher_merge, first.device, inputs=ptrs(tensors), fishers=ptrs(fishers),
+                        weights=[float(w) for w in weights], n=first.numel(), dtype=code(first.dtype),
+                        fisher_dtype=code(fishers[0].dtype), eps=float(eps), out=out.data_ptr(),
+                        out_dtype=code(out_dtype))
     return out, nonfinite

@@ -70,9 +70,11 @@ def run_cli(*argv: str) -> int:
 
 
 def run_cli_subprocess(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """``python -m fusion_engine ARGV`` in a child process (the installed entry point's code path)."""
+    """``python -m fusion_engine ARGV`` in a child process (the installed entry point's code path), started
+    outside the source checkout so that ``-m`` does not import the source tree in place of the package."""
     return subprocess.run([sys.executable, "-m", "fusion_engine", *map(str, argv)], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+                          timeout=timeout, cwd=_ROOT,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
 
 
 @contextlib.contextmanager

@@ -256,7 +256,8 @@ def test_concurrent_merge_processes_into_one_folder_exactly_one_wins():
     inputs = {k: tree(v) for k, v in m.items()}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     procs = [subprocess.Popen([sys.executable, "-m", "fusion_engine", "merge", c, out, "--quiet"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for c in configs]
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=folder)
+             for c in configs]  # cwd outside the checkout: `-m` must import the installed package
     codes = [p.wait(300) for p in procs]
     errors = [line for p in procs for line in p.stderr.read().splitlines()]
     _assert_one_winner(folder, out, codes, errors, inputs, m)

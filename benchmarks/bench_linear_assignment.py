@@ -1,4 +1,4 @@
-"""linear_assignment: fusion_engine (C++ Jonker–Volgenant, batch over threads) vs scipy, side by side.
+"""linear_assignment: fusion_engine (C++, scipy's assignment; batch over threads) vs scipy, side by side.
 
 Run: pytest benchmarks/bench_linear_assignment.py   (benchmarks/alignment_ops_report.py prints the table)
 
@@ -7,7 +7,9 @@ Each case is a batch of B cost matrices, timed end to end from the torch tensor 
 * ``neuron-*``: weight-matching costs C = −A·Bᵀ between the n neurons of two layers, with
   B = P·A + σ·noise (A [n, d] standard normal, P a random permutation): σ = 1 ("neuron-close",
   the permutation dominates) and σ = 8 ("neuron-far", many near-ties between neurons);
-* ``uniform``: i.i.d. uniform costs (the classic hard random instance).
+* ``uniform``: i.i.d. uniform costs (the classic hard random instance);
+* ``ties``: i.i.d. whole numbers in [0, 10) (a huge number of optimal assignments: the solver runs
+  scipy's own algorithm to return scipy's one).
 
 Providers: ``fusion_engine-cpp`` (one call on the batch), ``scipy`` (``linear_sum_assignment`` per
 problem, in a loop, as users call it), ``scipy-threads`` (the same, spread over a thread pool of
@@ -27,7 +29,7 @@ from fusion_engine.ops import linear_assignment
 
 BATCH = 8
 SIZES = (1024, 2048)
-KINDS = ("neuron-close", "neuron-far", "uniform")
+KINDS = ("neuron-close", "neuron-far", "uniform", "ties")
 FEATURES = 512   # d: fan-in of the matched neurons
 NOISE = {"neuron-close": 1.0, "neuron-far": 8.0}
 
@@ -56,6 +58,8 @@ def neuron_costs(batch: int, n: int, d: int, noise: float, seed: int = 0) -> tor
 def make_case(kind: str, n: int, batch: int = BATCH) -> AssignmentCase:
     if kind == "uniform":
         cost = torch.rand(batch, n, n, generator=torch.Generator().manual_seed(1))
+    elif kind == "ties":
+        cost = torch.randint(0, 10, (batch, n, n), generator=torch.Generator().manual_seed(2)).float()
     else:
         cost = neuron_costs(batch, n, FEATURES, NOISE[kind])
     case = AssignmentCase(kind, n, batch, cost)

@@ -26,6 +26,7 @@ void bind_linear_assignment(py::module_& m) {
       py::kw_only(), py::arg("cost"), py::arg("dtype"), py::arg("batch"), py::arg("n"), py::arg("m"),
       py::arg("stride_batch"), py::arg("stride_row"), py::arg("stride_col"), py::arg("maximize"),
       py::arg("row_ind"), py::arg("col_ind"), py::arg("threads"),
-      "Exact linear assignment of a batch of dense cost matrices (Jonker-Volgenant). Returns -1, or the index "
-      "of the first problem holding NaN/Inf.");
+      "Exact linear assignment of a batch of dense cost matrices (scipy's shortest augmenting paths, same "
+      "ties). Returns -1, or the index of the first problem holding NaN or -inf (+inf when maximising); an "
+      "infeasible problem gets -1 in all its row_ind and col_ind.");
 }

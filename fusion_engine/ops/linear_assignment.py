@@ -3,8 +3,9 @@
 .. math::  \\min_{\\pi} \\sum_{t=1}^{k} C_{r_t, \\pi(r_t)}, \\qquad k = \\min(n, m)
 
 over injective matchings of k rows to k columns (every row when n ≤ m, every column when n > m).
-The results follow ``scipy.optimize.linear_sum_assignment``; the cpp backend is a Jonker–Volgenant
-shortest-augmenting-path solver (csrc/core/linear_assignment.cpp) that spreads a batch over threads.
+The results are ``scipy.optimize.linear_sum_assignment``'s, ties included: both backends run scipy's
+shortest-augmenting-path algorithm with its arithmetic and its tie-breaking; the cpp backend
+(csrc/core/linear_assignment.cpp) with vectorised sweeps, a batch spread over threads.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ def linear_assignment(cost: torch.Tensor, *, maximize: bool = False,
     .. math::  \\min_{\\pi} \\sum_{t=1}^{k} C_{r_t, \\pi(r_t)}   (``maximize=True``: max)
 
     where C is n × m, k = min(n, m), the r_t are k distinct rows (all rows when n ≤ m) in ascending
-    order and π maps them to distinct columns. The optimum is exact (costs are converted to float64);
-    among several optimal assignments any one may be returned. This is
+    order and π maps them to distinct columns. The optimum is exact (costs are converted to float64).
+    Among several optimal assignments, every backend returns the one scipy returns (the same
+    algorithm, arithmetic and tie-breaking: the identity on a constant matrix, for one). This is
     ``scipy.optimize.linear_sum_assignment``, batched.
 
     Parameters
@@ -37,8 +39,8 @@ def linear_assignment(cost: torch.Tensor, *, maximize: bool = False,
         any layout, any device: CUDA tensors are copied to the host (the solver runs on the CPU).
     maximize : bool
         Maximise the total instead of minimising it.
-    backend : "cpp" (Jonker–Volgenant in C++, the automatic choice) or "torch" (the reference
-        shortest-augmenting-path solver, slow: the oracle of the tests at small sizes).
+    backend : "cpp" (C++ with AVX2 sweeps, the automatic choice) or "torch" (the reference, the same
+        algorithm with a Python loop per step, slow: the oracle of the tests at small sizes).
 
     Returns
     -------
@@ -89,58 +91,38 @@ def linear_assignment(cost: torch.Tensor, *, maximize: bool = False,
         host = host.to(torch.float64)  # integers and bools: exact up to 2**53
     batch = host if host.dim() == 3 else host.unsqueeze(0)
     label = (lambda b: f"cost[{b}]") if cost.dim() == 3 else (lambda b: "cost")
-    batch, forbidden = _forbid_infinite_pairs(batch, maximize, label)
     _check_range(batch)
     _, kernel = resolve(OP, torch.device("cpu"), batch.dtype, backend)
     with torch.no_grad():
         row_ind, col_ind, bad = kernel(batch, maximize=maximize)
-    if bad >= 0:
-        raise C.NonFiniteError(f"{OP}: {label(bad)}: matrix contains invalid numeric entries (NaN)")
-    if forbidden is not None and forbidden.numel():
-        chosen = forbidden[torch.arange(len(batch)).unsqueeze(1), row_ind, col_ind]
-        infeasible = chosen.any(dim=1).nonzero().flatten()
-        if infeasible.numel():
-            raise C.ConfigError(f"{OP}: cost matrix is infeasible: {label(int(infeasible[0]))} has no assignment "
-                                f"that avoids every forbidden ({'-' if maximize else '+'}inf) pair")
+    if bad >= 0:  # scipy's rule: +inf (−inf when maximising) forbids a pair; NaN and the other infinity are invalid
+        raise C.NonFiniteError(
+            f"{OP}: {label(bad)}: matrix contains invalid numeric entries (NaN, or "
+            f"{'+' if maximize else '-'}inf when {'maximising' if maximize else 'minimising'}); "
+            f"forbid a pair with {'-' if maximize else '+'}inf")
+    infeasible = (col_ind < 0).any(dim=1).nonzero().flatten() if col_ind.numel() else col_ind.new_empty(0)
+    if infeasible.numel():
+        raise C.ConfigError(f"{OP}: cost matrix is infeasible: {label(int(infeasible[0]))} has no assignment "
+                            f"that avoids every forbidden ({'-' if maximize else '+'}inf) pair")
     if cost.dim() == 2:
         return row_ind[0], col_ind[0]
     return row_ind, col_ind
-
-
-def _forbid_infinite_pairs(batch: torch.Tensor, maximize: bool, label) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """scipy's rule for infinite costs: +inf (−inf when maximising) forbids a pair; NaN and the other
-    infinity are invalid. Forbidden pairs get, per problem, a finite cost M worse than any assignment
-    avoiding them: with the finite costs in [lo, hi] and k = min(n, m) pairs per assignment,
-    M = k·(hi − lo) + |hi| + 1 exceeds every feasible total, so the optimum avoids forbidden pairs
-    whenever it can, and uses one only when the problem is infeasible (reported by the caller)."""
-    if batch.numel() == 0 or bool(torch.isfinite(batch).all()):
-        return batch, None
-    invalid = torch.isnan(batch) | (batch == (float("inf") if maximize else float("-inf")))
-    if bool(invalid.any()):
-        b = int(invalid.flatten(1).any(1).nonzero()[0])
-        raise C.NonFiniteError(f"{OP}: {label(b)}: matrix contains invalid numeric entries (NaN, or "
-                               f"{'+' if maximize else '-'}inf when {'maximising' if maximize else 'minimising'}); "
-                               f"forbid a pair with {'-' if maximize else '+'}inf")
-    forbidden = torch.isinf(batch)
-    batch = batch.to(torch.float64).clone()
-    k = min(batch.shape[1], batch.shape[2])
-    for b in forbidden.flatten(1).any(1).nonzero().flatten().tolist():
-        finite = batch[b][~forbidden[b]]
-        lo, hi = (float(finite.min()), float(finite.max())) if finite.numel() else (0.0, 0.0)
-        penalty = k * (hi - lo) + max(abs(hi), abs(lo)) + 1.0
-        batch[b][forbidden[b]] = -penalty if maximize else penalty
-    return batch, forbidden
 
 
 MAX_ABS_COST = 1e200  # path lengths (sums of up to n cost differences) stay far from float64 overflow
 
 
 def _check_range(batch: torch.Tensor) -> None:
-    """Finite costs beyond ±1e200 (only float64 can hold them) would overflow the path lengths."""
+    """Finite costs beyond ±1e200 (only float64 holds them) would overflow the path lengths; ±inf are
+    forbidden or invalid pairs (the kernel reports the invalid ones)."""
     if batch.dtype != torch.float64 or batch.numel() == 0:
         return
-    largest = float(batch.abs().amax())
-    if math.isfinite(largest) and largest > MAX_ABS_COST:  # NaN/Inf are reported per problem by the kernel
+    lo, hi = (float(x) for x in torch.aminmax(batch))  # one pass, no temporary
+    largest = max(-lo, hi)
+    if not math.isfinite(largest):
+        magnitude = batch.abs()
+        largest = float(torch.where(torch.isinf(magnitude), 0.0, magnitude).amax())
+    if largest > MAX_ABS_COST:
         raise C.ConfigError(
             f"{OP}: cost holds a value of magnitude {largest:.3g}, beyond the solver's range of ±{MAX_ABS_COST:g}; "
             f"rescale the costs (the optimal assignment does not change when all costs are multiplied by one "
@@ -150,21 +132,24 @@ def _check_range(batch: torch.Tensor) -> None:
 
 def linear_assignment_reference(cost: torch.Tensor, *, maximize: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Kernel-level oracle: cost [B, n, m] (CPU, any float dtype and layout) →
-    ``(row_ind [B, k], col_ind [B, k], bad)`` with ``bad`` the index of the first problem holding
-    NaN/Inf (-1 if none; such problems are not solved)."""
+    ``(row_ind [B, k], col_ind [B, k], bad)`` with ``bad`` the index of the first problem holding NaN
+    or −inf (+inf when maximising; -1 if none; such problems are not solved). A problem with no
+    assignment avoiding its +inf pairs (−inf when maximising) gets -1 in all its entries."""
     batch, n, m = cost.shape
     k = min(n, m)
     row_ind = torch.zeros((batch, k), dtype=torch.int64)
     col_ind = torch.zeros((batch, k), dtype=torch.int64)
     for b in range(batch):
         problem = cost[b].to(torch.float64)
-        if not bool(torch.isfinite(problem).all()):
-            return row_ind, col_ind, b
         if maximize:
             problem = -problem
+        if bool((torch.isnan(problem) | (problem == float("-inf"))).any()):
+            return row_ind, col_ind, b
         transposed = n > m
         rows_to_cols = _shortest_augmenting_paths(problem.T if transposed else problem)
-        if transposed:  # the solved rows are our columns: list our rows in ascending order
+        if rows_to_cols is None:
+            row_ind[b], col_ind[b] = -1, -1
+        elif transposed:  # the solved rows are our columns: list our rows in ascending order
             order = torch.argsort(rows_to_cols)
             row_ind[b] = rows_to_cols[order]
             col_ind[b] = order
@@ -174,13 +159,19 @@ def linear_assignment_reference(cost: torch.Tensor, *, maximize: bool) -> tuple[
     return row_ind, col_ind, -1
 
 
-def _shortest_augmenting_paths(cost: torch.Tensor) -> torch.Tensor:
-    """Minimum-cost assignment of every row of an n × m (n ≤ m) float64 matrix: the column of each row.
+def _shortest_augmenting_paths(cost: torch.Tensor) -> torch.Tensor | None:
+    """Minimum-cost assignment of every row of an n × m (n ≤ m) float64 matrix: the column of each
+    row, or None when no assignment avoids the +inf entries. scipy's algorithm (Crouse 2016), with
+    its arithmetic and its tie-breaking, so that the result is scipy's, ties included.
 
-    Rows are added one at a time. Row duals u and column duals v keep every reduced cost
-    C_ij − u_i − v_j ≥ 0, with equality on assigned pairs. For a new row f, Dijkstra over the reduced
-    costs finds the cheapest alternating path from f to a free column (a free column wins ties);
-    the duals move by the path lengths and the path is flipped, growing the assignment by one.
+    Rows are added one at a time. Row duals u and column duals v (starting at 0) keep every reduced
+    cost C_ij − u_i − v_j ≥ 0, with equality on assigned pairs. For a new row f, Dijkstra from f: a
+    scanned row i offers column j the distance ``((minVal + C_ij) − u_i) − v_j`` (minVal: the
+    distance reached so far; this order of operations is scipy's). The next column is one at the
+    minimum distance: the free one that comes last in scipy's visiting order if any, else the first
+    in that order; the order starts as m−1, …, 1, 0 and loses each scanned column by moving the last
+    one into its place. Reaching a free column ends the path: the duals move by the path lengths
+    and the path is flipped, growing the assignment by one.
     """
     n, m = cost.shape
     u = torch.zeros(n, dtype=torch.float64)
@@ -192,19 +183,30 @@ def _shortest_augmenting_paths(cost: torch.Tensor) -> torch.Tensor:
         dist = torch.full((m,), float("inf"), dtype=torch.float64)   # path length to each column
         pred = torch.full((m,), -1, dtype=torch.int64)               # the row before each column
         done = torch.zeros(m, dtype=torch.bool)                      # columns whose distance is final
+        remaining = list(range(m - 1, -1, -1))                       # scipy's visiting order
+        position = torch.tensor(remaining)                           # of each column in it
         scanned_rows = [f]
         i, reached = f, 0.0
         while True:
-            through_i = reached + cost[i] - u[i] - v
+            through_i = ((reached + cost[i]) - u[i]) - v
             better = ~done & (through_i < dist)
             dist = torch.where(better, through_i, dist)
             pred = torch.where(better, torch.tensor(i), pred)
             open_dist = torch.where(done, inf, dist)
             reached = float(open_dist.min())
+            if reached == float("inf"):
+                return None
             nearest = open_dist == reached
             nearest_free = nearest & (row_of_col < 0)
-            j = int(torch.nonzero(nearest_free if bool(nearest_free.any()) else nearest)[0])
+            if bool(nearest_free.any()):
+                j = int(torch.where(nearest_free, position, -1).argmax())
+            else:
+                j = int(torch.where(nearest, position, m).argmin())
             done[j] = True
+            moved = remaining.pop()  # j leaves the order: the last column takes its place
+            if moved != j:
+                remaining[int(position[j])] = moved
+                position[moved] = position[j]
             if int(row_of_col[j]) < 0:
                 sink = j
                 break

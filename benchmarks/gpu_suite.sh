@@ -12,6 +12,7 @@
 #                 (eager and torch.compile), mergekit and the eager torch reference; stdout in ops.log
 #   sinkhorn.md   sinkhorn B=32, n=m=1024, reg 0.05 vs POT's solvers on the same GPU
 #   cost_matrix.md  cost_matrix vs torch.mm / torch.cdist
+#   weight_matching.md  weight_matching on ResNet-20 ×4 and ×8 vs the torch (GPU) + scipy (host) loop (issue 20)
 #   ncu.txt       Nsight Compute on the select and merge kernels of one ties_merge call
 #
 # The package is always the installed one: every Python stage runs from a scratch folder with
@@ -95,6 +96,8 @@ stage sinkhorn 30 30 sinkhorn.md "${PY[@]}" "$REPO/benchmarks/sinkhorn_report.py
   --B "${SINKHORN_B:-32}" --n "${SINKHORN_N:-1024}" --reg 0.05 --quick
 stage cost_matrix 25 20 cost_matrix.md "${PY[@]}" "$REPO/benchmarks/alignment_ops_report.py" \
   --device "$DEVICE" --ops cost_matrix --quick
+stage weight_matching 40 45 weight_matching.md "${PY[@]}" "$REPO/benchmarks/bench_weight_matching.py" \
+  --device "$DEVICE" --width "${WM_WIDTHS:-4,8}" --repeats 3
 if [ "$DEVICE" = cuda ] && command -v ncu >/dev/null; then
   # the select passes and the merge pass of one bf16 K=8 ties_merge (after a warm-up call)
   stage ncu 45 0 ncu.txt ncu --clock-control none --target-processes all \

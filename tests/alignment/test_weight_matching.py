@@ -110,3 +110,52 @@ def test_costs_computed_ahead_of_the_lap_solves_give_the_sequential_result(monke
     sequential = run(lambda parts, perm: False)
     assert same(run(None), sequential)
     assert not same(run(lambda parts, perm: True), sequential)  # building every cost early would be wrong here
+
+
+def test_skipping_unchanged_solves_gives_the_plain_loops_result(monkeypatch):
+    """A permutation whose inputs did not change since its last solve is not solved again; the result
+    is still that of the plain Git Re-Basin loop, which solves every permutation in every sweep."""
+    import importlib
+
+    from scipy.optimize import linear_sum_assignment
+
+    from fusion_engine.bench.digits import make_mlp
+    wm = importlib.import_module("fusion_engine.alignment.weight_matching")
+    a, b = make_mlp((40, 40, 40), seed=3), make_mlp((40, 40, 40), seed=4)
+    spec = mlp_permutation_spec(a)
+    sa, sb = a.state_dict(), b.state_dict()
+
+    def plain_loop(seed):
+        names, perms = list(spec.perm_sizes), spec.identity()
+        g = torch.Generator().manual_seed(seed)
+        solves = 0
+        for _ in range(100):
+            progress = False
+            for j in torch.randperm(len(names), generator=g).tolist():
+                p, n = names[j], spec.perm_sizes[names[j]]
+                sim = torch.zeros(n, n, dtype=torch.float64)
+                for name, axis in spec.perm_to_axes[p]:
+                    w_b = sb[name]
+                    for other_axis, q in enumerate(spec.axes_to_perm[name]):
+                        if other_axis != axis and q is not None:
+                            w_b = w_b.index_select(other_axis, perms[q])
+                    sim += (sa[name].movedim(axis, 0).reshape(n, -1).double()
+                            @ w_b.movedim(axis, 0).reshape(n, -1).double().T)
+                cols = torch.from_numpy(linear_sum_assignment(sim.numpy(), maximize=True)[1])
+                solves += 1
+                rows = torch.arange(n)
+                progress = progress or bool(sim[rows, cols].sum() > sim[rows, perms[p]].sum() + 1e-12)
+                perms[p] = cols
+            if not progress:
+                return perms, solves
+
+    calls = []
+    solve = wm.ops.linear_assignment
+    monkeypatch.setattr(wm.ops, "linear_assignment", lambda *a, **k: calls.append(1) or solve(*a, **k))
+    for seed in range(3):
+        calls.clear()
+        ours = weight_matching(spec, {k: v.double() for k, v in sa.items()}, {k: v.double() for k, v in sb.items()},
+                               seed=seed)
+        expected, solves = plain_loop(seed)
+        assert all(torch.equal(ours[p], expected[p]) for p in spec.perm_sizes), seed
+        assert len(calls) < solves, (len(calls), solves)

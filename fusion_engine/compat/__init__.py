@@ -1,1 +1,1 @@
-"""Drop-in layers: fusion_engine.compat.peft and fusion_engine.compat.mergekit (issue 4)."""
+"""Drop-in layers: fusion_engine.compat.peft, fusion_engine.compat.mergekit and fusion_engine.compat.scipy."""

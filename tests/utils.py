@@ -457,3 +457,38 @@ def load_dir(path: str) -> dict[str, torch.Tensor]:
     for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
         out.update(load_file(f))
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# multi-process (torchrun-like) runs
+
+
+def launch_ranks(argv: Sequence[str], world: int, *, cwd: str | None = None, timeout: float = 120,
+                 env: dict | None = None) -> list[tuple[int, str, str]]:
+    """Run ``argv`` as ``world`` ranks of one gloo job, as torchrun would start them (MASTER_ADDR/PORT,
+    WORLD_SIZE, RANK, LOCAL_RANK, LOCAL_WORLD_SIZE; one thread each); ``(returncode, stdout, stderr)``
+    per rank. A rank still running after ``timeout`` seconds is killed."""
+    import os
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(world):
+        rank_env = dict(os.environ, **(env or {}), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                        WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                        OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen(list(argv), cwd=cwd, env=rank_env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    results = []
+    for p in procs:
+        try:
+            stdout, stderr = p.communicate(timeout=timeout)
+        finally:
+            if p.poll() is None:
+                p.kill()
+        results.append((p.returncode, stdout, stderr))
+    return results
+

@@ -75,7 +75,27 @@ def align_checkpoints(method: str, reference: str, checkpoints: Mapping[str, obj
                       data: str | None = None) -> dict[str, object]:
     """``checkpoints`` with every model but ``reference`` wrapped in a :class:`PermutedCheckpoint` aligning it
     to the reference by ``method`` (``"weight_matching"``, or ``"activation_matching"`` on the prompts file
-    ``data``)."""
+    ``data``): :func:`alignment_permutations`, then :func:`permuted_checkpoints`."""
+    perms = alignment_permutations(method, reference, checkpoints, data=data)
+    return permuted_checkpoints(checkpoints, reference, perms)
+
+
+def permuted_checkpoints(checkpoints: Mapping[str, object], reference: str,
+                         perms: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, object]:
+    """``checkpoints`` with each model of ``perms`` (model key → permutations onto ``reference``) wrapped in
+    a :class:`PermutedCheckpoint`. The spec is rebuilt from the reference's shapes and config (the same
+    on every process of a distributed merge, which receives only the permutations)."""
+    spec = checkpoint_spec(checkpoints[reference])
+    out = dict(checkpoints)
+    for key, model_perms in perms.items():
+        out[key] = PermutedCheckpoint(checkpoints[key], spec, model_perms)
+    return out
+
+
+def alignment_permutations(method: str, reference: str, checkpoints: Mapping[str, object], *,
+                           data: str | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """For every model but ``reference``: the permutations (name → int64 tensor) that align it to the
+    reference by ``method``."""
     if method not in METHODS:
         raise CheckpointError(f"alignment: {method!r} is not available in a merge config; use one of {METHODS}")
     if method == "activation_matching" and data is None:
@@ -91,7 +111,7 @@ def align_checkpoints(method: str, reference: str, checkpoints: Mapping[str, obj
         ids = load_token_ids(data, ref.directory)
         batches = [ids[i:i + BATCH] for i in range(0, len(ids), BATCH)]
         ref_model = _causal_lm(ref)
-    out = dict(checkpoints)
+    out = {}
     for key, ck in checkpoints.items():
         if key == reference:
             continue
@@ -100,9 +120,8 @@ def align_checkpoints(method: str, reference: str, checkpoints: Mapping[str, obj
                 raise CheckpointError(f"alignment: model {key!r} has no tensor {k!r} of shape {list(shape)} like the "
                                       f"reference {reference!r}; alignment needs models of one architecture")
         if method == "weight_matching":
-            perms = weight_matching(spec, ref_weights, {k: ck.load(k) for k in spec.param_shapes})
+            out[key] = weight_matching(spec, ref_weights, {k: ck.load(k) for k in spec.param_shapes})
         else:
             model = _causal_lm(ck)
-            perms = activation_matching(transformer_permutation_spec(model), ref_model, model, batches)
-        out[key] = PermutedCheckpoint(ck, spec, perms)
+            out[key] = activation_matching(transformer_permutation_spec(model), ref_model, model, batches)
     return out

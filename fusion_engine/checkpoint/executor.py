@@ -323,9 +323,6 @@ def run_plan(plan: MergePlan, out_dir: str | os.PathLike, *, device: str | torch
     out_dir = os.path.abspath(os.fspath(out_dir))
     _check_output_not_input(out_dir, plan)
     if distributed.world_size_from_env() > 1:
-        if plan.alignment:
-            raise CheckpointError("alignment: is not supported under torchrun yet; run the aligned merge in one "
-                                  "process")
         return _run_plan_ranks(plan, out_dir, device=device, out_shard_size=out_shard_size,
                                allow_overwrite=allow_overwrite, quiet=quiet, max_in_flight=max_in_flight,
                                checkpoints=checkpoints)
@@ -378,12 +375,29 @@ def _run_plan_ranks(plan, out_dir: str, *, device="cpu", out_shard_size=DEFAULT_
         tmp = distributed.broadcast(tmp)
         distributed.raise_if_any(error, rank, world, "creating the output")
 
+        sources = ckpts
+        if plan.alignment:  # rank 0 finds the permutations, every rank reads through them
+            from ..alignment.checkpoints import alignment_permutations, permuted_checkpoints
+            perms, error, reference = None, None, _reference_model(plan)
+            if rank == 0:
+                try:
+                    perms = alignment_permutations(plan.alignment, reference, ckpts, data=plan.alignment_data)
+                except Exception as exc:  # noqa: BLE001
+                    error = exc
+            try:
+                distributed.raise_if_any(error, rank, world, "aligning the models")
+            except BaseException:
+                if rank == 0:
+                    discard_temp_dir(tmp)
+                raise
+            sources = permuted_checkpoints(ckpts, reference, distributed.broadcast(perms))
+
         share = distributed.split_by_bytes([j.read_bytes + j.write_bytes for j in jobs], world)[rank]
         mine = jobs[share.start:share.stop]
         error = None
         try:
             with ShardedWriter(tmp, layout, create=False) as writer:
-                stream_jobs(mine, ckpts, writer, device, max_in_flight, quiet or rank != 0,
+                stream_jobs(mine, sources, writer, device, max_in_flight, quiet or rank != 0,
                             desc=f"merging (rank 0 of {world})")
                 writer.finish(expected=[j.task.out_name for j in mine], write_index=False)
         except Exception as exc:  # noqa: BLE001

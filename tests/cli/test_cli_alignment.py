@@ -112,3 +112,29 @@ def test_activation_matching_without_data_is_a_config_error(models, capsys):
     rc, _ = merge(a_path, b_path, alignment="activation_matching")
     assert rc != 0
     assert "needs model inputs" in capsys.readouterr().err
+
+
+def test_aligned_merge_under_two_ranks_equals_one_process(models):
+    """``alignment:`` under torchrun: rank 0 finds the permutations, both ranks read through them; the
+    output is byte-identical to the single-process merge."""
+    import sys
+
+    from cli_fixtures import _ROOT
+    from utils import launch_ranks
+
+    spec, sa, sc, a_path, _, c_path = models
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks (OMP_NUM_THREADS=1): the same products, bit for bit
+    try:
+        rc, single = merge(a_path, c_path)
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    cfg = os.path.join(os.path.dirname(single), "config.yaml")
+    out = os.path.join(scratch("align_ranks"), "out")
+    for rc, _, stderr in launch_ranks([sys.executable, "-m", "fusion_engine", "merge", cfg, out, "--quiet"], 2,
+                                      cwd=_ROOT, timeout=180, env={"HF_HUB_OFFLINE": "1"}):
+        assert rc == 0, stderr[-3000:]
+    got, want = load_dir(out), load_dir(single)
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)

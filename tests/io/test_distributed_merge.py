@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 import textwrap
 
@@ -19,6 +17,7 @@ from fusion_engine.errors import CheckpointError
 from fusion_engine.checkpoint.executor import run_plan
 
 from io_testkit import linear_plan, state_dict, tree_digest, write_model
+from utils import launch_ranks
 
 WEIGHTS = [0.5, 0.3, 0.2]
 
@@ -35,31 +34,13 @@ RANK_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_ranks(world, models, out, shard, bad_task=None, device="cpu"):
     script = RANK_SCRIPT.format(testdir=os.path.dirname(__file__), models=models, weights=WEIGHTS, out=str(out),
                                 shard=shard, bad_task=bad_task, device=device)
-    port = _free_port()
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
-                   RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
     results = []
-    for p in procs:
-        try:
-            stdout, stderr = p.communicate(timeout=120)
-        finally:
-            if p.poll() is None:
-                p.kill()
+    for rc, stdout, stderr in launch_ranks([sys.executable, "-c", script], world):
         summary = next((json.loads(line[8:]) for line in stdout.splitlines() if line.startswith("SUMMARY ")), None)
-        results.append((p.returncode, summary, stderr))
+        results.append((rc, summary, stderr))
     return results
 
 

@@ -363,6 +363,18 @@ def _run_plan_ranks(plan, out_dir: str, *, device="cpu", out_shard_size=DEFAULT_
             error = exc
         distributed.raise_if_any(error, rank, world, "planning")
 
+        sources = ckpts
+        if plan.alignment:  # rank 0 finds the permutations, every rank reads through them
+            from ..alignment.checkpoints import alignment_permutations, permuted_checkpoints
+            perms, error, reference = None, None, _reference_model(plan)
+            if rank == 0:
+                try:
+                    perms = alignment_permutations(plan.alignment, reference, ckpts, data=plan.alignment_data)
+                except Exception as exc:  # noqa: BLE001 - reported to every rank below
+                    error = exc
+            distributed.raise_if_any(error, rank, world, "aligning the models")  # before any output exists
+            sources = permuted_checkpoints(ckpts, reference, distributed.broadcast(perms))
+
         tmp, error = None, None
         if rank == 0:
             try:
@@ -374,23 +386,6 @@ def _run_plan_ranks(plan, out_dir: str, *, device="cpu", out_shard_size=DEFAULT_
                     discard_temp_dir(tmp)
         tmp = distributed.broadcast(tmp)
         distributed.raise_if_any(error, rank, world, "creating the output")
-
-        sources = ckpts
-        if plan.alignment:  # rank 0 finds the permutations, every rank reads through them
-            from ..alignment.checkpoints import alignment_permutations, permuted_checkpoints
-            perms, error, reference = None, None, _reference_model(plan)
-            if rank == 0:
-                try:
-                    perms = alignment_permutations(plan.alignment, reference, ckpts, data=plan.alignment_data)
-                except Exception as exc:  # noqa: BLE001
-                    error = exc
-            try:
-                distributed.raise_if_any(error, rank, world, "aligning the models")
-            except BaseException:
-                if rank == 0:
-                    discard_temp_dir(tmp)
-                raise
-            sources = permuted_checkpoints(ckpts, reference, distributed.broadcast(perms))
 
         share = distributed.split_by_bytes([j.read_bytes + j.write_bytes for j in jobs], world)[rank]
         mine = jobs[share.start:share.stop]

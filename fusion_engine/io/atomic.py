@@ -124,7 +124,18 @@ def _replace(tmp: str, final_dir: str) -> str | None:
         os.rename(final_dir, old)
     except FileNotFoundError:
         old = None
-    os.rename(tmp, final_dir)
+    try:
+        os.rename(tmp, final_dir)
+    except OSError as exc:
+        if old is not None:
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                # another overwrite landed between the two renames: a complete new output is in place, and
+                # the folder moved aside was being replaced either way
+                shutil.rmtree(old, ignore_errors=True)
+            else:  # the rename itself failed: the old folder goes back (clean_stale_siblings would, later)
+                with contextlib.suppress(OSError):
+                    os.rename(old, final_dir)
+        raise
     return old
 
 

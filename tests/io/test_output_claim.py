@@ -148,3 +148,33 @@ def test_an_output_beside_the_inputs_is_fine(tmp_path):
     inputs = _tree(tmp_path)
     check_output_not_input(str(tmp_path / "merged"), inputs)  # beside the config file: a normal layout
     check_output_not_input(str(tmp_path / "modelx"), inputs)  # a name prefix is not a parent
+
+
+def test_an_overwrite_that_loses_between_its_two_renames_leaves_nothing_behind(tmp_path, monkeypatch):
+    """The fallback overwrite renames the old folder aside, then its own in; when another overwrite lands
+    in between, it gives up and drops what it moved aside (that was being replaced either way): no
+    ``.out.old-*`` folder is left, and the other output stays."""
+    monkeypatch.setattr(atomic, "_libc_renameat2", lambda: None)
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "who.txt").write_text("old")
+    tmp = make_temp_dir(str(final), True)
+    with open(os.path.join(tmp, "who.txt"), "w") as fh:
+        fh.write("mine")
+    real_rename = os.rename
+
+    def rename(src, dst):
+        real_rename(src, dst)
+        if os.path.basename(dst).startswith(".out.old"):  # just moved aside: another merge lands now
+            theirs = tmp_path / "theirs"
+            theirs.mkdir()
+            (theirs / "who.txt").write_text("theirs")
+            real_rename(theirs, final)
+
+    monkeypatch.setattr(atomic.os, "rename", rename)
+    with pytest.raises(CheckpointError, match="appeared while this merge ran"):
+        commit_temp_dir(tmp, str(final), allow_overwrite=True)
+    monkeypatch.setattr(atomic.os, "rename", real_rename)
+    atomic.discard_temp_dir(tmp)
+    assert os.listdir(final) == ["who.txt"] and (final / "who.txt").read_text() == "theirs"
+    assert os.listdir(tmp_path) == ["out"]
